@@ -1,0 +1,102 @@
+"""Decoder-only language model: GPT-2 and Llama flavours from one class, chosen by `ModelConfig.arch`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from llmkit.config import ModelConfig
+from llmkit.model.layers import Block, KVCache, Rotary, attention_mask, make_norm
+
+
+@dataclass
+class DecoderOutput:
+    logits: Tensor  # (B, T, padded vocab)
+    hidden: Tensor  # (B, T, C) after the final norm
+    attentions: list[Tensor] | None = None  # per layer (B, nh, T, Tk) when asked for
+
+
+class DecoderLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        V, C = cfg.padded_vocab_size, cfg.n_embd
+        self.embed = nn.Embedding(V, C)
+        self.pos_embed = nn.Embedding(cfg.block_size, C) if cfg.arch == "gpt2" else None
+        self.rotary = Rotary(cfg.head_dim, cfg.block_size, cfg.rope_theta) if cfg.arch == "llama" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, causal=True) for _ in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(C, V, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: residual projections shrink with depth so the stream's variance stays put.
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.pos_embed is not None:
+            n -= self.pos_embed.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6N for the weights plus the attention scores (PaLM appendix B)."""
+        cfg, T = self.cfg, seq_len or self.cfg.block_size
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask_2d: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+        need_weights: bool = False,
+        logits_slice: slice | None = None,
+    ) -> DecoderOutput:
+        """input_ids (B, T). `attention_mask_2d` (B, Tk) marks real tokens (0 = left padding) over the cached
+        and new positions together. `logits_slice` limits the head to some positions (decoding needs only the
+        last one, which saves a (B, T, V) matmul on the prompt)."""
+        B, T = input_ids.shape
+        past = cache.pos if cache is not None else 0
+        if position_ids is None:
+            if attention_mask_2d is not None:  # left padding: each row counts from its first real token
+                position_ids = (attention_mask_2d.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        x = self.embed(input_ids)  # (B, T, C)
+        rope = None
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(position_ids)
+        else:
+            rope = self.rotary(position_ids)
+        x = self.drop(x)
+        mask = attention_mask(attention_mask_2d, T, past + T, causal=True, device=x.device)
+        attentions = [] if need_weights else None
+        for i, block in enumerate(self.blocks):
+            x, w = block(x, rope=rope, mask=mask, cache=cache, layer=i, need_weights=need_weights)
+            if attentions is not None:
+                attentions.append(w)
+        if cache is not None:
+            cache.advance(T)
+        x = self.norm(x)  # (B, T, C)
+        h = x if logits_slice is None else x[:, logits_slice]
+        return DecoderOutput(logits=self.lm_head(h), hidden=x, attentions=attentions)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        p = self.embed.weight
+        return KVCache(self.cfg, batch, max_len, p.device, p.dtype)

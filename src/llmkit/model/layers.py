@@ -1,0 +1,196 @@
+"""The building blocks every llmkit Transformer shares: norms, rotary positions, attention, MLPs, KV cache.
+
+There is one attention implementation. It runs `F.scaled_dot_product_attention` (flash / memory-efficient
+kernels where the device has them) unless the caller asks for the attention weights, in which case it takes the
+eager path that materialises them (interpretability needs those; the math is the same).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llmkit.config import ModelConfig
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.arch == "llama":
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding tables (the Hugging Face "rotate half" layout, so Llama weights load as-is)."""
+
+    def __init__(self, head_dim: int, max_len: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        self._build(max_len)
+
+    def _build(self, max_len: int) -> None:
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
+        t = torch.arange(max_len, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # (T, hs/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, hs)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, T) positions -> cos, sin of shape (B, 1, T, hs), ready to broadcast over heads."""
+        need = int(position_ids.max()) + 1 if position_ids.numel() else 0
+        if need > self.cos.shape[0]:  # longer than planned: grow the table rather than fail
+            device = self.cos.device
+            self._build(max(need, 2 * self.cos.shape[0]))
+            self.cos, self.sin = self.cos.to(device), self.sin.to(device)
+        return self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)  # (B, nh, T, hs)
+
+
+class KVCache:
+    """Pre-allocated keys/values for all layers: decoding writes in place, never concatenates."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> None:
+        shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nkv, Tmax, hs)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # tokens already stored
+        self.max_len = max_len
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store (B, nkv, T, hs) new keys/values at the current position; return all keys/values so far."""
+        t = k.shape[2]
+        if self.pos + t > self.max_len:
+            raise ValueError(f"KV cache is full ({self.max_len} positions)")
+        self.k[layer, :, :, self.pos:self.pos + t] = k
+        self.v[layer, :, :, self.pos:self.pos + t] = v
+        return self.k[layer, :, :, :self.pos + t], self.v[layer, :, :, :self.pos + t]
+
+    def advance(self, t: int) -> None:
+        self.pos += t
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only the batch rows in `rows` (drop finished sequences from a batch)."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query heads, optional rotary positions and a KV cache."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool = True) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.causal = causal
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        self.attn_dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None = None,
+        mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """x (B, T, C); mask (B, 1, T, Tk) bool, True = may attend, or None for the plain causal/full case."""
+        B, T, _ = x.shape
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv(x).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nkv, Tk, hs)
+        if nkv != nh:  # grouped-query: each kv head serves nh // nkv query heads
+            k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, Tk, hs)
+            v = v.repeat_interleave(nh // nkv, dim=1)
+        # Without a mask, queries are causal only when they see exactly their own keys (training, first prefill);
+        # a single decode query attends to everything cached.
+        is_causal = mask is None and self.causal and T == k.shape[2] and T > 1
+        dropout = self.attn_dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, Tk)
+            if is_causal:
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
+            weights = F.softmax(att, dim=-1, dtype=torch.float32).to(q.dtype)
+            y = F.dropout(weights, dropout, self.training) @ v  # (B, nh, T, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+        y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, C)
+        return self.resid_dropout(self.proj(y)), weights
+
+
+class MLP(nn.Module):
+    """GPT-2: Linear -> GELU(tanh) -> Linear. Llama: SwiGLU, with gate and up projections fused in one matmul."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = cfg.arch == "llama"
+        width = cfg.intermediate_size
+        self.fc = nn.Linear(cfg.n_embd, 2 * width if self.swiglu else width, bias=cfg.bias)
+        self.proj = nn.Linear(width, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)  # (B, T, I) or (B, T, 2I)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up  # (B, T, I)
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.dropout(self.proj(h))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool = True) -> None:
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = Attention(cfg, causal=causal)
+        self.norm2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, rope=None, mask=None, cache=None, layer: int = 0, need_weights: bool = False):
+        a, w = self.attn(self.norm1(x), rope=rope, mask=mask, cache=cache, layer=layer, need_weights=need_weights)
+        x = x + a
+        x = x + self.mlp(self.norm2(x))
+        return x, w
+
+
+def attention_mask(
+    pad_mask: Tensor | None, q_len: int, k_len: int, causal: bool, device: torch.device
+) -> Tensor | None:
+    """Boolean (B, 1, Tq, Tk) mask from a (B, Tk) key-validity mask; None when SDPA's own flags suffice.
+
+    Queries are the last `q_len` of the `k_len` positions. A padded query may attend to itself, so no row is
+    fully masked (that would give NaN); its output is never used.
+    """
+    if pad_mask is None and (q_len == k_len or q_len == 1 or not causal):
+        return None
+    q_idx = torch.arange(k_len - q_len, k_len, device=device)[:, None]  # (Tq, 1)
+    k_idx = torch.arange(k_len, device=device)[None, :]  # (1, Tk)
+    allowed = (k_idx <= q_idx) if causal else torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    if pad_mask is None:
+        return allowed[None, None]  # (1, 1, Tq, Tk)
+    allowed = allowed[None] & pad_mask.bool()[:, None, :]  # (B, Tq, Tk)
+    allowed = allowed | (k_idx == q_idx)[None]
+    return allowed[:, None]  # (B, 1, Tq, Tk)

@@ -1,0 +1,59 @@
+"""`llmkit pretrain`: token shards + a RunConfig -> a run folder with a trained model.
+
+The glue between config, data and the one loop: it builds the model for the data's vocabulary, records the
+resolved config and the tokenizer in the run folder, and turns validation loss into perplexity and bits per byte.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from llmkit.config import RunConfig, save_yaml
+from llmkit.data import TokenBatches, load_meta
+from llmkit.model import build_model
+from llmkit.objectives import get_objective
+from llmkit.train import TrainResult, train
+
+
+def lm_figures(loss: float, tokens: int, nbytes: int) -> dict[str, float]:
+    """Perplexity and bits per byte (comparable across tokenizers) from a mean loss in nats per token."""
+    return {"perplexity": math.exp(min(loss, 50.0)), "bits_per_byte": loss / math.log(2) * tokens / max(1, nbytes)}
+
+
+def pretrain(cfg: RunConfig, run_dir: str | Path, resume: bool = False, quiet: bool = False,
+             callbacks=()) -> TrainResult:
+    run_dir = Path(run_dir)
+    meta = load_meta(cfg.data.path)
+    cfg.model.vocab_size = meta["vocab_size"]  # the data decides the vocabulary
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, run_dir / "config.yaml")
+    tok_src = Path(cfg.data.path) / meta.get("tokenizer", "tokenizer")
+    if tok_src.resolve() != (run_dir / "tokenizer").resolve():
+        shutil.copytree(tok_src, run_dir / "tokenizer", dirs_exist_ok=True)
+
+    from llmkit.train import setup_distributed, resolve_device
+
+    ddp = setup_distributed(resolve_device(cfg.train.device))
+    T, B = cfg.model.block_size, cfg.data.batch_size
+    batches = TokenBatches(cfg.data.path, "train", T, B, seed=cfg.data.seed, rank=ddp.rank, world=ddp.world)
+    val = TokenBatches(cfg.data.path, "val", T, B, seed=0).fixed(cfg.train.eval_iters)
+    split = meta["splits"]["val"]
+
+    def val_metrics(res: dict[str, float]) -> dict[str, float]:
+        return {f"val_{k}": v for k, v in lm_figures(res["loss"], split["tokens"], split["bytes"]).items()}
+
+    if not quiet:
+        print(f"model: {cfg.model.arch} {model.num_params() / 1e6:.2f} M parameters, "
+              f"{cfg.model.n_layer} layers x {cfg.model.n_embd} wide, context {T}; "
+              f"data: {meta['splits']['train']['tokens']:,} train tokens from {meta['source']}")
+    return train(model, get_objective(cfg.train.objective), cfg.train, batches, val, run_dir, resume=resume,
+                 tokens_per_batch=B * T, flops_per_token=model.flops_per_token(T), val_metrics=val_metrics,
+                 callbacks=list(callbacks), quiet=quiet)
