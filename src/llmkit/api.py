@@ -17,7 +17,7 @@ from llmkit.checkpoint import load_into, load_weights
 from llmkit.config import ModelConfig, RunConfig, build, load_yaml
 from llmkit.errors import CheckpointError
 from llmkit.generate import Generation, SamplingConfig, generate
-from llmkit.model import DecoderLM, build_model
+from llmkit.model import DecoderLM
 from llmkit.tokenizer import Tokenizer
 from llmkit.train import resolve_device, resolve_dtype
 
@@ -35,13 +35,24 @@ class LLM:
         return next(self.model.parameters()).device
 
     def generate(self, prompt: str | list[str], on_text: Callable[[int, str], None] | None = None,
-                 **sampling) -> Generation | list[Generation]:
-        """Continue one prompt (returns a Generation) or a list (returns a list, batched with left padding)."""
+                 eos_ids: set[int] | None = None, **sampling) -> Generation | list[Generation]:
+        """Continue one prompt (returns a Generation) or a list (returns a list, batched with left padding).
+        `eos_ids` replaces the tokenizer's eos as the set of tokens that end a generation."""
         cfg = sampling.pop("config", None) or SamplingConfig()
         cfg = replace(cfg, **sampling)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        out = generate(self.model, self.tokenizer, prompts, cfg, on_text=on_text)
+        out = generate(self.model, self.tokenizer, prompts, cfg, on_text=on_text, eos_ids=eos_ids)
         return out[0] if isinstance(prompt, str) else out
+
+    def chat(self, messages: list[dict[str, str]], on_text: Callable[[int, str], None] | None = None,
+             **sampling) -> Generation:
+        """Answer a conversation ([{"role": "user", "content": ...}, ...]) through the model's chat template,
+        stopping at the template's end-of-turn token."""
+        from llmkit.convert import end_of_turn_ids
+
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = self.tokenizer.encode(prompt)
+        return self.generate([ids], on_text=on_text, eos_ids=set(end_of_turn_ids(self.tokenizer)), **sampling)[0]
 
 
 def load_run_model_config(run_dir: Path) -> ModelConfig:
@@ -52,14 +63,23 @@ def load_run_model_config(run_dir: Path) -> ModelConfig:
 
 
 def load(path: str | Path, device: str = "auto", dtype: str = "float32") -> LLM:
-    """Load an llmkit run folder (config.yaml + model.safetensors + tokenizer/) for inference."""
-    run_dir = Path(path)
-    if not run_dir.exists():
-        raise CheckpointError(f"model not found: {path} (give a run folder written by `llmkit pretrain`)")
-    mcfg = load_run_model_config(run_dir)
-    weights_file = run_dir / "model.safetensors"
-    model = build_model(mcfg)
-    load_into(model, load_weights(weights_file), weights_file)
+    """Load a model for inference from a built-in name (`llmkit models`), an llmkit run folder (config.yaml +
+    model.safetensors + tokenizer/), a Hugging Face folder (config.json + safetensors) or a `.gguf` file.
+    GGUF files and GGUF built-ins are converted once into a cached run folder (see `llmkit.registry`)."""
+    from llmkit.convert import empty_model, read_hf_folder
+    from llmkit.registry import locate
+
     dev = resolve_device(device)
-    model.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval()
-    return LLM(model=model, tokenizer=Tokenizer.load(run_dir / "tokenizer"), path=run_dir)
+    torch_dtype = resolve_dtype(dtype, dev)
+    run_dir = locate(path)
+    if (run_dir / "config.yaml").is_file():
+        mcfg = load_run_model_config(run_dir)
+        weights_file = run_dir / "model.safetensors"
+        weights, source, tokenizer = load_weights(weights_file), weights_file, Tokenizer.load(run_dir / "tokenizer")
+    else:
+        conv = read_hf_folder(run_dir)
+        mcfg, weights, source, tokenizer = conv.cfg, conv.weights, run_dir, conv.tokenizer
+    model = empty_model(mcfg)  # no random init: every tensor is loaded (and checked) right away
+    load_into(model, weights, source, assign=True)
+    model.to(device=dev, dtype=torch_dtype).eval()
+    return LLM(model=model, tokenizer=tokenizer, path=run_dir)

@@ -40,6 +40,9 @@ def _atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; the final one gets normal permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -76,8 +79,11 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
                               "it may be truncated") from None
 
 
-def load_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
-    """Load weights strictly by name and shape, with one-line errors that name the file and the tensor."""
+def load_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: str | Path, assign: bool = False) -> None:
+    """Load weights strictly by name and shape, with one-line errors that name the file and the tensor.
+
+    `assign=True` adopts the given tensors as the parameters instead of copying into them: no second copy of the
+    weights in memory (loading a pretrained model into an uninitialised one); tied parameters are re-tied."""
     own = model.state_dict()
     kept = weights_for_save(model).keys()
     tied = set(own) - set(kept)  # shared with a tensor saved under another name
@@ -90,7 +96,19 @@ def load_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: str | 
     missing = [n for n in own if n not in tensors and n not in tied]
     if missing:
         raise CheckpointError(f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
-    model.load_state_dict(tensors, strict=False)
+    if not assign:
+        model.load_state_dict(tensors, strict=False)
+        return
+    shared: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), []).append(name)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    for names in shared.values():  # assign replaced one of the tied names only: point the others at it
+        loaded = next((n for n in names if n in tensors), names[0])
+        for name in names:
+            if name != loaded:
+                owner, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(owner), attr, model.get_parameter(loaded))
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str, Any]) -> Path:

@@ -15,7 +15,7 @@ import textwrap
 import types
 import typing
 from dataclasses import dataclass, field, fields
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,8 @@ class ModelConfig:
     """Shape and flavour of a Transformer."""
 
     arch: str = "gpt2"
-    """Flavour: `gpt2` (learned positions, LayerNorm, GELU, biases) or `llama` (RoPE, RMSNorm, SwiGLU, GQA)."""
+    """Flavour: `gpt2` (learned positions, LayerNorm, GELU, biases), `llama` (RoPE, RMSNorm, SwiGLU, GQA) or `bert`
+    (bidirectional encoder: learned positions + token types, post-LayerNorm, exact GELU, pooler, MLM/NSP heads)."""
     vocab_size: int = 50257
     """Tokens the tokenizer can produce; embeddings are padded up to `pad_vocab_multiple` for speed."""
     pad_vocab_multiple: int = 64
@@ -56,18 +57,21 @@ class ModelConfig:
     """Base of the rotary position frequencies (llama flavour)."""
     dropout: float = 0.0
     """Dropout on embeddings, attention weights and residual branches while training."""
+    type_vocab_size: int = 2
+    """Token-type (segment) embeddings, BERT's sentence A / sentence B (bert only)."""
 
     def __post_init__(self) -> None:
-        if self.arch not in ("gpt2", "llama"):
-            raise ConfigError(f"model.arch: {self.arch!r} is not a known architecture (valid: gpt2, llama)")
+        if self.arch not in ("gpt2", "llama", "bert"):
+            raise ConfigError(f"model.arch: {self.arch!r} is not a known architecture (valid: gpt2, llama, bert)")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.intermediate_size is None:
-            if self.arch == "gpt2":
+            if self.arch in ("gpt2", "bert"):
                 self.intermediate_size = 4 * self.n_embd
             else:
                 self.intermediate_size = 256 * ((int(8 * self.n_embd / 3) + 255) // 256)
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pad_vocab_multiple"):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pad_vocab_multiple",
+                     "type_vocab_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name}: must be a positive integer, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
@@ -97,6 +101,12 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "smollm2-135m": dict(arch="llama", n_layer=30, n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536,
                          block_size=8192, vocab_size=49152, bias=False, tie_embeddings=True, norm_eps=1e-5,
                          rope_theta=100000.0, pad_vocab_multiple=1),
+    # A small BERT for masked-LM pretraining from scratch on a CPU (configs/mlm-shakespeare.yaml).
+    "bert-mini": dict(arch="bert", n_layer=4, n_head=4, n_embd=256, intermediate_size=1024, block_size=128,
+                      norm_eps=1e-12, dropout=0.1, type_vocab_size=2),
+    # The shape of sentence-transformers/all-MiniLM-L6-v2 (weights: the built-in model `all-minilm-l6-v2`).
+    "minilm-l6": dict(arch="bert", n_layer=6, n_head=12, n_embd=384, intermediate_size=1536, block_size=512,
+                      vocab_size=30522, norm_eps=1e-12, pad_vocab_multiple=1, type_vocab_size=2),
 }
 
 
@@ -117,11 +127,13 @@ class TrainConfig:
     """The one training loop: optimiser, schedule, precision, evaluation, checkpoints."""
 
     objective: str = "causal_lm"
-    """What the model learns: `causal_lm` (next-token prediction)."""
+    """What the model learns: `causal_lm` (next-token prediction), `mlm` (masked LM, bert), `mlm+nsp` (masked LM +
+    next-sentence prediction, bert) or `classify` (sequence classification, set by `llmkit finetune`)."""
     max_steps: int = 2000
     """Optimiser steps to run; also the length of the cosine schedule."""
     max_minutes: float = 0.0
-    """Stop after this much wall time (0 = no limit); the final evaluation and checkpoint still run."""
+    """Stop after this much training time (0 = no limit); the cosine schedule then decays by time or steps,
+    whichever runs out first, and the final evaluation and checkpoint still run."""
     lr: float = 1e-3
     """Peak learning rate, reached after warmup."""
     min_lr_ratio: float = 0.1
@@ -161,18 +173,66 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """What `llmkit finetune` adapts a pretrained model to (unused by `llmkit pretrain`)."""
+
+    task: str = "classify"
+    """`classify`: one label per text (sentiment, topic, ...)."""
+    base: str = ""
+    """The starting model: a built-in name (e.g. `all-minilm-l6-v2`), an HF folder or an llmkit run folder."""
+    labels: list[str] = field(default_factory=list)
+    """Class names in id order; empty = the labels of the training split, sorted."""
+    text_field: str = "text"
+    """Column (CSV/TSV) or key (JSONL) holding the text."""
+    label_field: str = "label"
+    """Column (CSV/TSV) or key (JSONL) holding the label."""
+    max_length: int = 128
+    """Longest input in tokens, special tokens included; longer texts keep their start."""
+    pooling: str = "auto"
+    """Text -> one vector: `cls` (BERT pooler on [CLS]), `mean` (mean of token states), `last` (last real token,
+    the decoder way) or `auto` (mean for encoders, last for decoders)."""
+    epochs: float = 3.0
+    """Passes over the training split; sets train.max_steps (0 = keep train.max_steps)."""
+    max_train_examples: int = 0
+    """Train on the first N examples of the (shuffled) training split only (0 = all): big models in CPU minutes."""
+    max_val_examples: int = 0
+    """Validate on the first N examples of the validation split only (0 = all)."""
+    lora: bool = False
+    """Train low-rank adapters (peft LoRA) plus the new head instead of every weight."""
+    lora_r: int = 8
+    """LoRA rank."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    lora_targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc"])
+    """Module names that get adapters (`qkv`, `proj` = attention and MLP output, `fc` = MLP input)."""
+
+    def __post_init__(self) -> None:
+        if self.task not in ("classify",):
+            raise ConfigError(f"finetune.task: unknown task {self.task!r} (valid: classify)")
+        if self.pooling not in ("auto", "cls", "mean", "last"):
+            raise ConfigError(f"finetune.pooling: {self.pooling!r} is not one of auto, cls, mean, last")
+        if self.max_length < 4:
+            raise ConfigError(f"finetune.max_length: must be at least 4, got {self.max_length}")
+        if self.lora_r < 1:
+            raise ConfigError(f"finetune.lora_r: must be a positive integer, got {self.lora_r}")
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs; saved as config.yaml in the run folder."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # --------------------------------------------------------------------------------------------- docs and types
 
 
-@lru_cache(maxsize=None)
+@cache
 def field_docs(cls: type) -> dict[str, str]:
     """Attribute docstrings of a dataclass (the string literal under each field), read from its source."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
@@ -181,7 +241,7 @@ def field_docs(cls: type) -> dict[str, str]:
     for prev, node in zip(body, body[1:]):
         if (isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name) and isinstance(node, ast.Expr)
                 and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
-            docs[prev.target.id] = node.value.value.strip()
+            docs[prev.target.id] = " ".join(node.value.value.split())  # one line, however it was wrapped
     return docs
 
 
@@ -197,6 +257,12 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             return None
         return coerce(value, args[0], where)
+    if origin is list:  # YAML gives a list; the CLI gives `a,b,c`
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [coerce(v, typing.get_args(tp)[0], where) for v in value] if typing.get_args(tp) else list(value)
     if tp is bool:
         if isinstance(value, bool):
             return value

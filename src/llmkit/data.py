@@ -13,6 +13,7 @@ would have seen.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -102,6 +103,10 @@ class _ShardWriter:
         self.f.close()
         os.replace(self.tmp, self.path)
 
+    def discard(self) -> None:
+        self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
 
 def prepare(source: str, tokenizer_dir: str | Path, out_dir: str | Path, val_fraction: float = 0.1,
             text_field: str = "text", quiet: bool = False) -> dict[str, Any]:
@@ -123,28 +128,31 @@ def prepare(source: str, tokenizer_dir: str | Path, out_dir: str | Path, val_fra
             writers[split].write(chunk_ids + ([tok.eos_id] if last else []), len(text.encode("utf-8")))
         pending.clear()
 
-    bar = tqdm(desc=f"tokenizing {source}", unit="B", unit_scale=True, disable=quiet)
-    for _, text in iter_documents(source, text_field):
-        if not text.strip():
-            continue
-        n_docs += 1
-        pieces = list(_chunks(text))
-        for i, piece in enumerate(pieces):
-            split = "val" if n_chunks % val_every == val_every - 1 else "train"
-            pending.append((split, piece, i == len(pieces) - 1))
-            n_chunks += 1
-            bar.update(len(piece))
-        if len(pending) >= 256:
+    try:
+        docs = iter_documents(source, text_field)
+        first = next(docs, None)  # a missing corpus fails here, before a progress bar is drawn
+        with tqdm(desc=f"tokenizing {source}", unit="B", unit_scale=True, disable=quiet) as bar:
+            for _, text in itertools.chain([first] if first else [], docs):
+                if not text.strip():
+                    continue
+                n_docs += 1
+                pieces = list(_chunks(text))
+                for i, piece in enumerate(pieces):
+                    split = "val" if n_chunks % val_every == val_every - 1 else "train"
+                    pending.append((split, piece, i == len(pieces) - 1))
+                    n_chunks += 1
+                    bar.update(len(piece))
+                if len(pending) >= 256:
+                    flush()
             flush()
-    flush()
-    bar.close()
-    if n_docs == 0:
-        for w in writers.values():
-            w.f.close()
-            w.tmp.unlink(missing_ok=True)
-        raise DataError(f"corpus {source!r} is empty: no non-blank text found")
-    if writers["val"].tokens == 0:  # a corpus of one chunk: validation gets the tail of train instead
-        _move_tail(writers["train"], writers["val"], val_fraction)
+        if n_docs == 0:
+            raise DataError(f"corpus {source!r} is empty: no non-blank text found")
+        if writers["val"].tokens == 0:  # a corpus of one chunk: validation gets the tail of train instead
+            _move_tail(writers["train"], writers["val"], val_fraction)
+    except BaseException:
+        for w in writers.values():  # leave no partial shards; earlier complete ones stay as they were
+            w.discard()
+        raise
     for w in writers.values():
         w.close()
     tok_dir = out / "tokenizer"

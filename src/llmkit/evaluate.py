@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from llmkit.api import LLM
 from llmkit.data import load_meta, load_tokens
 from llmkit.errors import DataError
+from llmkit.model.loss import linear_cross_entropy
 from llmkit.pretrain import lm_figures
 
 
@@ -64,11 +64,13 @@ def evaluate_lm(llm: LLM, data: str | Path, split: str = "val", batch_size: int 
         for j, w in enumerate(windows):
             batch[j, : len(w)] = w
             labels[j, : len(w) - 1] = w[1:]
-        logits = model(batch[:, :-1].to(device)).logits[..., : model.cfg.vocab_size]  # (B, T, V)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), labels.to(device).flatten(), ignore_index=-100,
-                              reduction="sum")
-        total_nll += float(nll)
-        counted += int((labels != -100).sum())
+        # Hidden states only, then the head and the loss fused and chunked: (B, T, V) logits never exist
+        # (at an 8k context they would be gigabytes). The head is cut to the real vocabulary.
+        hidden = model(batch[:, :-1].to(device), logits_slice=slice(0, 0)).hidden  # (B, T, C)
+        valid = int((labels != -100).sum())
+        mean = linear_cross_entropy(hidden, model.lm_head.weight[: model.cfg.vocab_size], labels.to(device))
+        total_nll += float(mean) * valid
+        counted += valid
     loss = total_nll / counted
     return {"loss": loss, **lm_figures(loss, len(tokens), nbytes), "tokens": int(len(tokens)),
             "predicted_tokens": counted, "bytes": int(nbytes), "data": desc, "context": T,

@@ -14,9 +14,11 @@ import torch
 
 from llmkit.config import RunConfig, save_yaml
 from llmkit.data import TokenBatches, load_meta
+from llmkit.errors import ConfigError
 from llmkit.model import build_model
 from llmkit.objectives import get_objective
-from llmkit.train import TrainResult, train
+from llmkit.tokenizer import Tokenizer
+from llmkit.train import TrainResult, resolve_device, setup_distributed, train
 
 
 def lm_figures(loss: float, tokens: int, nbytes: int) -> dict[str, float]:
@@ -27,6 +29,10 @@ def lm_figures(loss: float, tokens: int, nbytes: int) -> dict[str, float]:
 def pretrain(cfg: RunConfig, run_dir: str | Path, resume: bool = False, quiet: bool = False,
              callbacks=()) -> TrainResult:
     run_dir = Path(run_dir)
+    masked = cfg.train.objective in ("mlm", "mlm+nsp")
+    if masked != (cfg.model.arch == "bert") or cfg.train.objective == "classify":
+        raise ConfigError(f"train.objective {cfg.train.objective!r} does not pretrain model.arch {cfg.model.arch!r} "
+                          "(bert: mlm or mlm+nsp; gpt2/llama: causal_lm; classify is for `llmkit finetune`)")
     meta = load_meta(cfg.data.path)
     cfg.model.vocab_size = meta["vocab_size"]  # the data decides the vocabulary
     if cfg.train.threads:
@@ -39,8 +45,6 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, resume: bool = False, quiet: b
     if tok_src.resolve() != (run_dir / "tokenizer").resolve():
         shutil.copytree(tok_src, run_dir / "tokenizer", dirs_exist_ok=True)
 
-    from llmkit.train import setup_distributed, resolve_device
-
     ddp = setup_distributed(resolve_device(cfg.train.device))
     T, B = cfg.model.block_size, cfg.data.batch_size
     batches = TokenBatches(cfg.data.path, "train", T, B, seed=cfg.data.seed, rank=ddp.rank, world=ddp.world)
@@ -48,12 +52,15 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, resume: bool = False, quiet: b
     split = meta["splits"]["val"]
 
     def val_metrics(res: dict[str, float]) -> dict[str, float]:
+        if cfg.train.objective != "causal_lm":  # perplexity / bits per byte describe next-token loss only
+            return {}
         return {f"val_{k}": v for k, v in lm_figures(res["loss"], split["tokens"], split["bytes"]).items()}
 
     if not quiet:
         print(f"model: {cfg.model.arch} {model.num_params() / 1e6:.2f} M parameters, "
               f"{cfg.model.n_layer} layers x {cfg.model.n_embd} wide, context {T}; "
               f"data: {meta['splits']['train']['tokens']:,} train tokens from {meta['source']}")
-    return train(model, get_objective(cfg.train.objective), cfg.train, batches, val, run_dir, resume=resume,
+    objective = get_objective(cfg.train.objective, tokenizer=Tokenizer.load(run_dir / "tokenizer"))
+    return train(model, objective, cfg.train, batches, val, run_dir, resume=resume,
                  tokens_per_batch=B * T, flops_per_token=model.flops_per_token(T), val_metrics=val_metrics,
                  callbacks=list(callbacks), quiet=quiet)

@@ -170,10 +170,10 @@ class Tokenizer:
 
 
 def _nonempty(texts: Iterable[str]) -> Iterator[str]:
-    n = 0
+    blank = True
     for t in texts:
         if t:
-            n += 1
+            blank = blank and not t.strip()
             yield t
-    if n == 0:
+    if blank:
         raise DataError("the corpus is empty: no text to train a tokenizer on")

@@ -73,8 +73,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     key = (device.type, dtype)
     if key not in _PEAK:
         n = 4096 if device.type == "cuda" else 1024
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
+        a = torch.full((n, n), 0.5, device=device, dtype=dtype)  # not randn: the global RNG must stay untouched
+        b = torch.full((n, n), 0.25, device=device, dtype=dtype)
         for _ in range(2):
             a @ b
         reps = 20 if device.type == "cuda" else 5
@@ -128,11 +128,15 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at max_steps."""
+def lr_at(step: int, cfg: TrainConfig, time_used: float = 0.0) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at max_steps.
+
+    Under a time budget (`max_minutes`) the decay follows whichever runs out first, steps or time
+    (`time_used` is the spent fraction), so a run cut short by the clock still ends at the low learning rate.
+    """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    progress = min(1.0, max(time_used, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)))
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
 
@@ -255,7 +259,8 @@ def train(
     window_t, window_tokens = time.perf_counter(), 0
     start_wall = time.perf_counter() - elapsed
     while step < cfg.max_steps:
-        lr = lr_at(step, cfg)
+        time_used = (time.perf_counter() - start_wall) / (cfg.max_minutes * 60) if cfg.max_minutes > 0 else 0.0
+        lr = lr_at(step, cfg, time_used)
         for g in optimizer.param_groups:
             g["lr"] = lr
         loss_sum = torch.zeros((), device=device)

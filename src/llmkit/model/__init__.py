@@ -2,11 +2,12 @@
 
 from llmkit.config import ModelConfig
 from llmkit.model.decoder import DecoderLM, DecoderOutput
+from llmkit.model.encoder import EncoderLM, EncoderOutput
 from llmkit.model.layers import KVCache
 
 
-def build_model(cfg: ModelConfig) -> DecoderLM:
-    return DecoderLM(cfg)
+def build_model(cfg: ModelConfig) -> DecoderLM | EncoderLM:
+    return EncoderLM(cfg) if cfg.arch == "bert" else DecoderLM(cfg)
 
 
-__all__ = ["DecoderLM", "DecoderOutput", "KVCache", "ModelConfig", "build_model"]
+__all__ = ["DecoderLM", "DecoderOutput", "EncoderLM", "EncoderOutput", "KVCache", "ModelConfig", "build_model"]

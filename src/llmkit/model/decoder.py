@@ -10,13 +10,15 @@ from torch import Tensor, nn
 
 from llmkit.config import ModelConfig
 from llmkit.model.layers import Block, KVCache, Rotary, attention_mask, make_norm
+from llmkit.model.loss import linear_cross_entropy
 
 
 @dataclass
 class DecoderOutput:
-    logits: Tensor  # (B, T, padded vocab)
+    logits: Tensor | None  # (B, T, padded vocab); None when a loss was asked for instead
     hidden: Tensor  # (B, T, C) after the final norm
     attentions: list[Tensor] | None = None  # per layer (B, nh, T, Tk) when asked for
+    loss: Tensor | None = None  # mean next-token cross-entropy when labels were given
 
 
 class DecoderLM(nn.Module):
@@ -67,10 +69,12 @@ class DecoderLM(nn.Module):
         cache: KVCache | None = None,
         need_weights: bool = False,
         logits_slice: slice | None = None,
+        labels: Tensor | None = None,
     ) -> DecoderOutput:
         """input_ids (B, T). `attention_mask_2d` (B, Tk) marks real tokens (0 = left padding) over the cached
         and new positions together. `logits_slice` limits the head to some positions (decoding needs only the
-        last one, which saves a (B, T, V) matmul on the prompt)."""
+        last one, which saves a (B, T, V) matmul on the prompt). With `labels` (B, T) the head and the
+        cross-entropy run fused and chunked (model/loss.py) and only the loss comes back: training's path."""
         B, T = input_ids.shape
         past = cache.pos if cache is not None else 0
         if position_ids is None:
@@ -83,7 +87,7 @@ class DecoderLM(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(position_ids)
         else:
-            rope = self.rotary(position_ids)
+            rope = self.rotary(position_ids, past + T)
         x = self.drop(x)
         mask = attention_mask(attention_mask_2d, T, past + T, causal=True, device=x.device)
         attentions = [] if need_weights else None
@@ -94,6 +98,9 @@ class DecoderLM(nn.Module):
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)  # (B, T, C)
+        if labels is not None:
+            loss = linear_cross_entropy(x, self.lm_head.weight, labels)
+            return DecoderOutput(logits=None, hidden=x, attentions=attentions, loss=loss)
         h = x if logits_slice is None else x[:, logits_slice]
         return DecoderOutput(logits=self.lm_head(h), hidden=x, attentions=attentions)
 

@@ -38,12 +38,13 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, T) positions -> cos, sin of shape (B, 1, T, hs), ready to broadcast over heads."""
-        need = int(position_ids.max()) + 1 if position_ids.numel() else 0
-        if need > self.cos.shape[0]:  # longer than planned: grow the table rather than fail
+    def forward(self, position_ids: Tensor, max_pos: int) -> tuple[Tensor, Tensor]:
+        """(B, T) positions, all below `max_pos` -> cos, sin of shape (B, 1, T, hs), ready to broadcast over heads.
+
+        `max_pos` comes from the caller (it knows the cache length) so no device sync is needed to check it."""
+        if max_pos > self.cos.shape[0]:  # longer than planned: grow the table rather than fail
             device = self.cos.device
-            self._build(max(need, 2 * self.cos.shape[0]))
+            self._build(max(max_pos, 2 * self.cos.shape[0]))
             self.cos, self.sin = self.cos.to(device), self.sin.to(device)
         return self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)
 
@@ -139,11 +140,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GPT-2: Linear -> GELU(tanh) -> Linear. Llama: SwiGLU, with gate and up projections fused in one matmul."""
+    """GPT-2: Linear -> GELU(tanh) -> Linear; BERT the same with exact (erf) GELU. Llama: SwiGLU, with gate and up
+    projections fused in one matmul."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.swiglu = cfg.arch == "llama"
+        self.gelu = "none" if cfg.arch == "bert" else "tanh"
         width = cfg.intermediate_size
         self.fc = nn.Linear(cfg.n_embd, 2 * width if self.swiglu else width, bias=cfg.bias)
         self.proj = nn.Linear(width, cfg.n_embd, bias=cfg.bias)
@@ -155,21 +158,30 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up  # (B, T, I)
         else:
-            h = F.gelu(h, approximate="tanh")
+            h = F.gelu(h, approximate=self.gelu)
         return self.dropout(self.proj(h))
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    BERT (`arch: bert`) normalises after the residual add instead (post-norm): norm(x + attn(x)), then
+    norm(x + mlp(x)); same modules, so one block class serves both and BERT weights load as they are.
+    """
 
     def __init__(self, cfg: ModelConfig, causal: bool = True) -> None:
         super().__init__()
+        self.post_norm = cfg.arch == "bert"
         self.norm1 = make_norm(cfg)
         self.attn = Attention(cfg, causal=causal)
         self.norm2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, rope=None, mask=None, cache=None, layer: int = 0, need_weights: bool = False):
+        if self.post_norm:
+            a, w = self.attn(x, rope=rope, mask=mask, cache=cache, layer=layer, need_weights=need_weights)
+            x = self.norm1(x + a)
+            return self.norm2(x + self.mlp(x)), w
         a, w = self.attn(self.norm1(x), rope=rope, mask=mask, cache=cache, layer=layer, need_weights=need_weights)
         x = x + a
         x = x + self.mlp(self.norm2(x))

@@ -1,0 +1,119 @@
+"""Training throughput: llmkit's training loop vs transformers' GPT2LMHeadModel, same shape, same run.
+
+Shape (issue 2): 6 layers, 6 heads, 384 wide, context 256, batch 8, vocab 50304. Both sides train the same way:
+AdamW (fused), gradient clipping at 1.0, autocast for bf16, random tokens, no dropout. llmkit runs through its
+real `train()` loop; transformers through the plain loop its users write. Rounds alternate between the two so
+that a noisy shared machine hurts both alike; each impl's best round counts.
+
+Prints one JSON line per (impl, dtype) with tokens_per_s and mfu (6N + attention FLOPs per token over the
+measured matmul peak of this machine in that dtype), then one line with the ratios.
+
+    python bench/train_throughput.py [--steps 6] [--rounds 2] [--dtypes float32,bfloat16] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import torch
+
+from llmkit.config import ModelConfig, TrainConfig
+from llmkit.model import build_model
+from llmkit.objectives import CausalLM
+from llmkit.train import autocast, make_optimizer, peak_flops, train
+
+SHAPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=50304)
+BATCH = 8
+
+
+class RandomBatches:
+    """Random token batches with the state interface the training loop expects."""
+
+    def __init__(self, vocab: int, batch: int, seq: int) -> None:
+        self.g = torch.Generator().manual_seed(0)
+        self.vocab, self.batch, self.seq = vocab, batch, seq
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        x = torch.randint(0, self.vocab, (self.batch, self.seq + 1), generator=self.g)
+        return {"input_ids": x[:, :-1], "labels": x[:, 1:]}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def bench_llmkit(dtype: str, steps: int, compile_: bool) -> float:
+    cfg = ModelConfig(arch="gpt2", pad_vocab_multiple=64, **SHAPE)
+    model = build_model(cfg)
+    rates: list[float] = []
+    tcfg = TrainConfig(max_steps=steps + 2, warmup_steps=1, eval_interval=0, log_interval=1, dtype=dtype,
+                       device="cpu", compile=compile_)
+    with tempfile.TemporaryDirectory() as tmp:
+        train(model, CausalLM(), tcfg, RandomBatches(cfg.vocab_size, BATCH, cfg.block_size), [], tmp,
+              tokens_per_batch=BATCH * cfg.block_size, callbacks=[lambda step, rec: rates.append(rec["tokens_per_s"])],
+              quiet=True)
+    return statistics.median(rates[2:])  # the first steps pay for allocation (and compilation)
+
+
+def bench_hf(dtype: str, steps: int, compile_: bool) -> float:
+    import transformers
+
+    hf_cfg = transformers.GPT2Config(n_layer=SHAPE["n_layer"], n_head=SHAPE["n_head"], n_embd=SHAPE["n_embd"],
+                                     n_positions=SHAPE["block_size"], vocab_size=SHAPE["vocab_size"],
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
+    model = transformers.GPT2LMHeadModel(hf_cfg).train()
+    net = torch.compile(model) if compile_ else model
+    opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    device, dt = torch.device("cpu"), {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    batches = RandomBatches(SHAPE["vocab_size"], BATCH, SHAPE["block_size"])
+    times = []
+    for _ in range(steps + 2):
+        b = next(batches)
+        t0 = time.perf_counter()
+        with autocast(device, dt):
+            loss = net(input_ids=b["input_ids"], labels=b["input_ids"]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+        times.append(time.perf_counter() - t0)
+    return BATCH * SHAPE["block_size"] / statistics.median(times[2:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--compile", action="store_true", help="torch.compile both sides")
+    args = ap.parse_args()
+    flops_per_token = build_model(ModelConfig(arch="gpt2", **SHAPE)).flops_per_token(SHAPE["block_size"])
+    best: dict[tuple[str, str], float] = {}
+    for dtype in args.dtypes.split(","):
+        for _ in range(args.rounds):
+            for impl, fn in (("llmkit", bench_llmkit), ("hf", bench_hf)):
+                tps = fn(dtype, args.steps, args.compile)
+                best[(impl, dtype)] = max(best.get((impl, dtype), 0.0), tps)
+        peak = peak_flops(torch.device("cpu"), {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
+        for impl in ("llmkit", "hf"):
+            tps = best[(impl, dtype)]
+            print(json.dumps({"bench": "train_throughput", "impl": impl, "dtype": dtype, "batch": BATCH,
+                              "seq": SHAPE["block_size"], "compile": args.compile, "tokens_per_s": round(tps, 1),
+                              "mfu": round(tps * flops_per_token / peak, 4), "peak_gflops": round(peak / 1e9, 1),
+                              "threads": torch.get_num_threads()}), flush=True)
+    dtypes = args.dtypes.split(",")
+    ratios = {d: round(best[("llmkit", d)] / best[("hf", d)], 3) for d in dtypes}
+    best_ratio = max(best[("llmkit", d)] for d in dtypes) / max(best[("hf", d)] for d in dtypes)
+    print(json.dumps({"bench": "train_throughput", "ratio_llmkit_over_hf": ratios,
+                      "ratio_best_dtype_each": round(best_ratio, 3)}))
+
+
+if __name__ == "__main__":
+    main()

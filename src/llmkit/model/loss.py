@@ -1,0 +1,64 @@
+"""Output head + cross-entropy in one pass, chunked over tokens, so the (tokens x vocab) fp32 logits never exist.
+
+With a 50k vocabulary the head's logits dominate training memory traffic: the plain path writes bf16 logits,
+an fp32 copy, log-softmax, its gradient and a bf16 copy of that, each tokens x vocab. Here each chunk of tokens
+goes matmul -> log-sum-exp -> softmax gradient while it is still in cache, and only the bf16 gradient of the
+logits is kept for the two backward matmuls (the idea of Liger's and Apple's cut cross-entropy kernels, in plain
+PyTorch). The loss and gradients equal `F.cross_entropy(h @ W.T, labels)` up to floating-point rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+CHUNK = 64  # tokens per chunk: 64 x 50304 fp32 logits = 13 MB, about an L3 cache's worth
+
+
+def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+        # h (N, C) hidden states, weight (V, C) output head, labels (N,) with IGNORE_INDEX for no target
+        dtype = _compute_dtype(h.device.type, h.dtype)
+        hc, wc = h.to(dtype), weight.to(dtype)
+        n_valid = (labels != IGNORE_INDEX).sum().clamp(min=1)
+        grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        g_logits = torch.empty(h.shape[0], weight.shape[0], dtype=dtype, device=h.device) if grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], CHUNK):
+            lab = labels[s:s + CHUNK]
+            ok = lab != IGNORE_INDEX  # (n,)
+            safe = lab.clamp(min=0)[:, None]  # (n, 1)
+            logits = (hc[s:s + CHUNK] @ wc.T).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
+            total += ((lse.squeeze(1) - logits.gather(1, safe).squeeze(1)) * ok).sum()
+            if grad:  # d loss / d logits = (softmax - onehot) / n_valid on rows with a target
+                probs = logits.sub_(lse).exp_()  # (n, V), in place
+                probs.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=probs.dtype))
+                probs.mul_((ok / n_valid)[:, None])
+                g_logits[s:s + CHUNK] = probs
+        if grad:
+            ctx.save_for_backward(hc, wc, g_logits)
+            ctx.dtypes = (h.dtype, weight.dtype)
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        hc, wc, g_logits = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        # Scale the two (small) results rather than the (N, V) gradient by grad_out.
+        grad_h = ((g_logits @ wc) * grad_out).to(h_dtype) if ctx.needs_input_grad[0] else None  # (N, C)
+        grad_w = ((g_logits.T @ hc) * grad_out).to(w_dtype) if ctx.needs_input_grad[1] else None  # (V, C)
+        return grad_h, grad_w, None
+
+
+def linear_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy of `h @ weight.T` against `labels`; h (..., C), labels (...)."""
+    return _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, labels.reshape(-1))
