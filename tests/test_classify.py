@@ -22,13 +22,6 @@ NEG = "bad awful terrible dull boring tedious lifeless".split()
 FILLER = "the film a story with an actor and plot it was this movie its scenes".split()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def synthetic(n: int = 240, seed: int = 0) -> list[tuple[str, str]]:
     rng = random.Random(seed)

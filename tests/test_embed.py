@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from llmkit.cli import main
 from llmkit.embed import SentenceEncoder, read_texts
@@ -22,13 +21,6 @@ SENTENCES = [
     "Résumé of a naïve café owner in Zürich.", "", "ROMEO: But soft, what light through yonder window breaks? " * 12,
 ]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,6 @@ from llmkit.registry import builtin_source
 from llmkit.wordpiece import encode_texts, special_ids, train_wordpiece
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: two OpenMP threads on a busy 2-core machine spin-wait for each other (5x slower here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_bert(**kw) -> ModelConfig:
     base = dict(arch="bert", vocab_size=120, block_size=32, n_layer=2, n_head=4, n_embd=32, norm_eps=1e-12)
     return ModelConfig(**{**base, **kw})

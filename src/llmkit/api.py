@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 
 from llmkit.checkpoint import load_into, load_weights
-from llmkit.config import ModelConfig, RunConfig, build, load_yaml
-from llmkit.errors import CheckpointError
+from llmkit.config import ModelConfig, read_run_folder_config
 from llmkit.generate import Generation, SamplingConfig, generate
 from llmkit.model import DecoderLM
 from llmkit.tokenizer import Tokenizer
@@ -56,10 +55,7 @@ class LLM:
 
 
 def load_run_model_config(run_dir: Path) -> ModelConfig:
-    cfg_file = run_dir / "config.yaml"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{run_dir}: no config.yaml (not an llmkit run folder)")
-    return build(RunConfig, load_yaml(cfg_file)).model
+    return read_run_folder_config(run_dir).model
 
 
 def load(path: str | Path, device: str = "auto", dtype: str = "float32") -> LLM:

@@ -79,8 +79,11 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
                               "it may be truncated") from None
 
 
-def load_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: str | Path, assign: bool = False) -> None:
+def load_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: str | Path, assign: bool = False,
+              optional: tuple[str, ...] = ()) -> None:
     """Load weights strictly by name and shape, with one-line errors that name the file and the tensor.
+
+    Names starting with an `optional` prefix may be absent (an encoder checkpoint without pre-training heads).
 
     `assign=True` adopts the given tensors as the parameters instead of copying into them: no second copy of the
     weights in memory (loading a pretrained model into an uninitialised one); tied parameters are re-tied."""
@@ -93,7 +96,7 @@ def load_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: str | 
         if tuple(t.shape) != tuple(own[name].shape):
             raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(t.shape)} but the config needs "
                                   f"{tuple(own[name].shape)}")
-    missing = [n for n in own if n not in tensors and n not in tied]
+    missing = [n for n in own if n not in tensors and n not in tied and not (optional and n.startswith(optional))]
     if missing:
         raise CheckpointError(f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
     if not assign:

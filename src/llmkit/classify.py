@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from llmkit.checkpoint import atomic_write_text, load_into, load_weights, save_weights
-from llmkit.config import RunConfig, build, load_yaml, save_yaml
+from llmkit.config import FinetuneRunConfig, build, load_yaml, read_run_folder_config, save_yaml
 from llmkit.datasets import Examples, LabelledBatches, fixed_batches, label_set, load_examples, split
 from llmkit.errors import CheckpointError, ConfigError
 from llmkit.model.encoder import last_token_pool, mean_pool
@@ -78,7 +78,7 @@ def finetune_defaults(lora: bool) -> dict[str, Any]:
             "train.eval_interval": 100, "train.early_stop_patience": 3, "train.log_interval": 10}
 
 
-def finetune_config(config_file: str | Path | None, overrides: dict[str, Any]) -> RunConfig:
+def finetune_config(config_file: str | Path | None, overrides: dict[str, Any]) -> FinetuneRunConfig:
     """Defaults for fine-tuning, then the YAML recipe, then the command line; checks a base and data are named."""
     from llmkit.config import apply_overrides
 
@@ -88,7 +88,7 @@ def finetune_config(config_file: str | Path | None, overrides: dict[str, Any]) -
     defaults = {k: v for k, v in finetune_defaults(lora).items() if k not in given}
     if "train.max_steps" in overrides and "finetune.epochs" not in given:
         defaults["finetune.epochs"] = 0  # --max-steps wins over the default epoch count
-    cfg = build(RunConfig, apply_overrides(apply_overrides(values, defaults), overrides))
+    cfg = build(FinetuneRunConfig, apply_overrides(apply_overrides(values, defaults), overrides))
     if not cfg.finetune.base or "data.path" not in given:
         raise ConfigError("finetune needs --model NAME|RUN_DIR and --data NAME|FILE (e.g. --data movie-reviews)")
     return cfg
@@ -97,7 +97,7 @@ def finetune_config(config_file: str | Path | None, overrides: dict[str, Any]) -
 # --------------------------------------------------------------------------------------------- training
 
 
-def _lora(model: Classifier, cfg: RunConfig) -> nn.Module:
+def _lora(model: Classifier, cfg: FinetuneRunConfig) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     ft = cfg.finetune
@@ -111,7 +111,7 @@ def _lora(model: Classifier, cfg: RunConfig) -> nn.Module:
                                             target_modules=list(ft.lora_targets), modules_to_save=save))
 
 
-def finetune(cfg: RunConfig, out_dir: str | Path, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+def finetune(cfg: FinetuneRunConfig, out_dir: str | Path, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Fine-tune `cfg.finetune.base` on `cfg.data.path`; returns (and writes to eval.json) the test figures."""
     from llmkit.pretrained import load_backbone
     from llmkit.train import train
@@ -240,7 +240,7 @@ def plot_confusion(cm: np.ndarray, labels: list[str], path: Path, title: str) ->
 class LoadedClassifier:
     model: Classifier
     tokenizer: Tokenizer
-    cfg: RunConfig
+    cfg: FinetuneRunConfig
 
     @property
     def labels(self) -> list[str]:
@@ -260,8 +260,8 @@ def load_classifier(run_dir: str | Path) -> LoadedClassifier:
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise CheckpointError(f"{run}: no config.yaml (not a run folder from `llmkit finetune --task classify`)")
-    cfg = build(RunConfig, load_yaml(run / "config.yaml"))
-    if cfg.train.objective != "classify" or not cfg.finetune.labels:
+    cfg = read_run_folder_config(run)
+    if not isinstance(cfg, FinetuneRunConfig) or cfg.train.objective != "classify" or not cfg.finetune.labels:
         raise CheckpointError(f"{run}: not a classifier (trained with objective {cfg.train.objective!r}); "
                               "fine-tune one with `llmkit finetune --task classify`")
     model = Classifier(build_model(cfg.model), len(cfg.finetune.labels), cfg.finetune.pooling)

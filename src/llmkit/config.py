@@ -221,11 +221,17 @@ class FinetuneConfig:
 
 @dataclass
 class RunConfig:
-    """Everything a run needs; saved as config.yaml in the run folder."""
+    """Everything a pretraining run needs; saved as config.yaml in the run folder."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class FinetuneRunConfig(RunConfig):
+    """A fine-tuning run: a pretraining run's sections plus what the model is adapted to."""
+
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
@@ -234,10 +240,14 @@ class RunConfig:
 
 @cache
 def field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings of a dataclass (the string literal under each field), read from its source."""
+    """Attribute docstrings of a dataclass (the string literal under each field), read from its source,
+    inherited fields included."""
+    docs: dict[str, str] = {}
+    for base in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        if base is not cls:
+            docs.update(field_docs(base))
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
     for prev, node in zip(body, body[1:]):
         if (isinstance(prev, ast.AnnAssign) and isinstance(prev.target, ast.Name) and isinstance(node, ast.Expr)
                 and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
@@ -385,6 +395,17 @@ def parse_override_args(args: list[str]) -> dict[str, str]:
 def load_run_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
     values = load_yaml(path) if path else {}
     return build(RunConfig, apply_overrides(values, overrides or {}))
+
+
+def read_run_folder_config(run_dir: str | Path) -> RunConfig:
+    """The resolved config a run folder was written with: a FinetuneRunConfig when it has a finetune section."""
+    from llmkit.errors import CheckpointError
+
+    cfg_file = Path(run_dir) / "config.yaml"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{run_dir}: no config.yaml (not an llmkit run folder)")
+    values = load_yaml(cfg_file)
+    return build(FinetuneRunConfig if "finetune" in values else RunConfig, values)
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:

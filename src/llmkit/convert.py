@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from llmkit.checkpoint import atomic_write_text, load_weights, save_weights
-from llmkit.config import ModelConfig, RunConfig, build, load_yaml, save_yaml
+from llmkit.config import ModelConfig, RunConfig, read_run_folder_config, save_yaml
 from llmkit.errors import CheckpointError, DataError, LLMKitError
 from llmkit.hf import _rows, from_hf_state_dict, hf_config, model_config_from_hf, to_hf_state_dict
 from llmkit.model import DecoderLM, build_model
@@ -205,9 +205,7 @@ def read_hf_folder(src: str | Path) -> Converted:
 
 def read_run_folder(src: str | Path) -> Converted:
     src = Path(src)
-    if not (src / "config.yaml").is_file():
-        raise CheckpointError(f"{src}: no config.yaml (not an llmkit run folder)")
-    cfg = build(RunConfig, load_yaml(src / "config.yaml")).model
+    cfg = read_run_folder_config(src).model
     return Converted(cfg, load_weights(src / "model.safetensors"), Tokenizer.load(src / "tokenizer"),
                      {"format": "llmkit", "path": str(src.resolve())})
 

@@ -38,14 +38,16 @@ GPT2_TABLE: list[tuple[str, tuple[str, ...], bool]] = [
 LLAMA_TABLE: list[tuple[str, tuple[str, ...], bool]] = [
     ("embed.weight", ("model.embed_tokens.weight",), False),
     ("blocks.{i}.norm1.weight", ("model.layers.{i}.input_layernorm.weight",), False),
-    ("blocks.{i}.attn.qkv.weight", ("model.layers.{i}.self_attn.q_proj.weight", "model.layers.{i}.self_attn.k_proj.weight",
+    ("blocks.{i}.attn.qkv.weight", ("model.layers.{i}.self_attn.q_proj.weight",
+                                    "model.layers.{i}.self_attn.k_proj.weight",
                                     "model.layers.{i}.self_attn.v_proj.weight"), False),
     ("blocks.{i}.attn.qkv.bias", ("model.layers.{i}.self_attn.q_proj.bias", "model.layers.{i}.self_attn.k_proj.bias",
                                   "model.layers.{i}.self_attn.v_proj.bias"), False),
     ("blocks.{i}.attn.proj.weight", ("model.layers.{i}.self_attn.o_proj.weight",), False),
     ("blocks.{i}.attn.proj.bias", ("model.layers.{i}.self_attn.o_proj.bias",), False),
     ("blocks.{i}.norm2.weight", ("model.layers.{i}.post_attention_layernorm.weight",), False),
-    ("blocks.{i}.mlp.fc.weight", ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"), False),
+    ("blocks.{i}.mlp.fc.weight", ("model.layers.{i}.mlp.gate_proj.weight",
+                                  "model.layers.{i}.mlp.up_proj.weight"), False),
     ("blocks.{i}.mlp.fc.bias", ("model.layers.{i}.mlp.gate_proj.bias", "model.layers.{i}.mlp.up_proj.bias"), False),
     ("blocks.{i}.mlp.proj.weight", ("model.layers.{i}.mlp.down_proj.weight",), False),
     ("blocks.{i}.mlp.proj.bias", ("model.layers.{i}.mlp.down_proj.bias",), False),
@@ -146,8 +148,8 @@ def _rows(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], bool]]:
     for ours, theirs, transposed in TABLES[cfg.arch]:
         layers = range(cfg.n_layer) if "{i}" in ours else [None]
         for i in layers:
-            fmt = (lambda s: s.format(i=i)) if i is not None else (lambda s: s)
-            out.append((fmt(ours), tuple(fmt(t) for t in theirs), transposed))
+            names = (ours, *theirs) if i is None else tuple(n.format(i=i) for n in (ours, *theirs))
+            out.append((names[0], names[1:], transposed))
     return out
 
 

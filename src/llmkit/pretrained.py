@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from llmkit.checkpoint import load_weights
-from llmkit.config import ModelConfig, RunConfig, build, load_yaml
+from llmkit.checkpoint import load_into, load_weights
+from llmkit.config import ModelConfig, read_run_folder_config
 from llmkit.errors import CheckpointError
 from llmkit.hf import from_hf_state_dict, model_config_from_hf
 from llmkit.model import build_model
@@ -31,22 +31,6 @@ class Backbone:
     tokenizer: Tokenizer
     cfg: ModelConfig
     source: str
-
-
-def load_partial(model: nn.Module, weights: dict[str, Tensor], source: str) -> None:
-    """Strict by name and shape, except that an encoder's pre-training heads and pooler may be absent."""
-    own = model.state_dict()
-    for name, t in weights.items():
-        if name not in own:
-            raise CheckpointError(f"{source}: unexpected tensor {name!r} (the checkpoint is for another model shape)")
-        if tuple(t.shape) != tuple(own[name].shape):
-            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, the config needs "
-                                  f"{tuple(own[name].shape)}")
-    tied = {"lm_head.weight", "mlm.decoder.weight"} if model.cfg.tie_embeddings else set()  # type: ignore
-    missing = [n for n in own if n not in weights and n not in tied and not n.startswith(HEAD_PREFIXES)]
-    if missing:
-        raise CheckpointError(f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
-    model.load_state_dict(weights, strict=False)
 
 
 def read_bert_folder(src: Path) -> tuple[ModelConfig, dict[str, Tensor], Tokenizer]:
@@ -78,7 +62,7 @@ def load_backbone(name: str, seed: int = 0) -> Backbone:
     src = resolve_source(name)
     torch.manual_seed(seed)
     if src.is_dir() and (src / "config.yaml").is_file():
-        cfg = build(RunConfig, load_yaml(src / "config.yaml")).model
+        cfg = read_run_folder_config(src).model
         weights, tok = load_weights(src / "model.safetensors"), Tokenizer.load(src / "tokenizer")
         if any(k.startswith("backbone.") for k in weights):  # a fine-tuned classifier: keep its backbone
             weights = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
@@ -90,7 +74,8 @@ def load_backbone(name: str, seed: int = 0) -> Backbone:
         conv = read_any(src)
         cfg, weights, tok = conv.cfg, conv.weights, conv.tokenizer
     model = build_model(cfg)
-    load_partial(model, {k: v.float() for k, v in weights.items()}, str(src))
+    # Strict by name and shape, except that an encoder's pre-training heads and pooler may be absent.
+    load_into(model, {k: v.float() for k, v in weights.items()}, str(src), optional=HEAD_PREFIXES)
     return Backbone(model=model.eval(), tokenizer=tok, cfg=cfg, source=str(name))
 
 

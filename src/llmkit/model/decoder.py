@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from llmkit.config import ModelConfig
-from llmkit.model.layers import Block, KVCache, Rotary, attention_mask, make_norm
+from llmkit.model.layers import Block, KVCache, Rotary, attention_mask, flops_per_token, make_norm
 from llmkit.model.loss import linear_cross_entropy
 
 
@@ -57,9 +57,7 @@ class DecoderLM(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token: 6N for the weights plus the attention scores (PaLM appendix B)."""
-        cfg, T = self.cfg, seq_len or self.cfg.block_size
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+        return flops_per_token(self.cfg, self.num_params(), seq_len or self.cfg.block_size)
 
     def forward(
         self,

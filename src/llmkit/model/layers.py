@@ -16,6 +16,11 @@ from torch import Tensor, nn
 from llmkit.config import ModelConfig
 
 
+def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the weights plus the attention scores (PaLM appendix B)."""
+    return 6 * n_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.arch == "llama":
         return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
