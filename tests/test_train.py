@@ -110,6 +110,17 @@ def test_early_stopping_and_corrupt_checkpoint(tmp_path, data_dir):
     assert (tmp_path / "run" / "checkpoints" / "step_000005" / "model.safetensors").exists()  # earlier one kept
 
 
+def test_select_metric_picks_the_best_weights(tmp_path, data_dir):
+    """Selection by another validation figure: bits per byte is minimised; an unmeasured name is an error."""
+    cfg = build(RunConfig, tiny_run_config(data_dir, max_steps=10, select_metric="val_bits_per_byte"))
+    result = pretrain(cfg, tmp_path / "run", quiet=True)
+    evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
+    assert result.best_val == min(e["val_bits_per_byte"] for e in evals)
+    bad = build(RunConfig, tiny_run_config(data_dir, max_steps=5, select_metric="val_acuracy"))
+    with pytest.raises(ConfigError, match="select_metric: 'val_acuracy' is not measured here"):
+        pretrain(bad, tmp_path / "bad", quiet=True)
+
+
 def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, data_dir):
     """2 micro-batches of 4 == 1 batch of 8 (same windows, same order): the loop averages correctly."""
     base = tiny_run_config(data_dir, max_steps=3, eval_interval=0, dtype="float32")

@@ -75,7 +75,10 @@ def finetune_defaults(lora: bool) -> dict[str, Any]:
     """Fine-tuning hyper-parameters that differ from pretraining's (dotted keys); any of them can be overridden."""
     return {"data.batch_size": 32, "train.objective": "classify", "train.lr": 1e-3 if lora else 1e-4,
             "train.warmup_steps": 30, "train.min_lr_ratio": 0.0, "train.weight_decay": 0.01, "train.beta2": 0.999,
-            "train.eval_interval": 100, "train.early_stop_patience": 3, "train.log_interval": 10}
+            "train.eval_interval": 100, "train.early_stop_patience": 3, "train.log_interval": 10,
+            # Keep the weights that classify best: validation loss turns up (over-confidence) while accuracy
+            # still improves, so loss would stop too early.
+            "train.select_metric": "val_accuracy"}
 
 
 def finetune_config(config_file: str | Path | None, overrides: dict[str, Any]) -> FinetuneRunConfig:
@@ -171,7 +174,7 @@ def finetune(cfg: FinetuneRunConfig, out_dir: str | Path, resume: bool = False, 
     t1 = time.perf_counter()
     report = evaluate_classifier(plain, tok, splits["test"], ft.labels, ft.max_length, batch_size=2 * B)
     report.update(base=ft.base, data=cfg.data.path, lora=ft.lora, pooling=ft.pooling, steps=result.step,
-                  stopped_early=result.stopped_early, best_val_loss=result.best_val,
+                  stopped_early=result.stopped_early, **{f"best_{cfg.train.select_metric}": result.best_val},
                   val_accuracy=result.last.get("val_accuracy"), n_train=len(ids["train"]),
                   trainable_params=trainable, total_params=total, train_minutes=round(train_s / 60, 2),
                   test_minutes=round((time.perf_counter() - t1) / 60, 2))

@@ -100,7 +100,7 @@ def cmd_pretrain(args: argparse.Namespace, extra: list[str]) -> None:
         dist.destroy_process_group()
         if rank:
             return
-    summary = {"run": str(out), "step": result.step, "best_val_loss": result.best_val,
+    summary = {"run": str(out), "step": result.step, f"best_{cfg.train.select_metric}": result.best_val,
                **{k: v for k, v in result.last.items() if k.startswith("val_")}}
     print(json.dumps(summary) if args.json else "done: " + "  ".join(f"{k} {v}" for k, v in summary.items()))
 

@@ -161,7 +161,10 @@ class TrainConfig:
     eval_iters: int = 20
     """Validation batches per evaluation."""
     early_stop_patience: int = 0
-    """Stop when validation loss has not improved for this many evaluations (0 = never)."""
+    """Stop when the selection metric has not improved for this many evaluations (0 = never)."""
+    select_metric: str = "val_loss"
+    """Validation figure that picks the best weights (model.safetensors) and drives early stopping: losses,
+    perplexity and bits per byte are minimised, anything else (e.g. `val_accuracy`) is maximised."""
     save_interval: int = 0
     """Write a resumable checkpoint every this many steps (0 = at evaluations and at the end)."""
     log_interval: int = 10

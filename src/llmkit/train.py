@@ -147,7 +147,7 @@ def lr_at(step: int, cfg: TrainConfig, time_used: float = 0.0) -> float:
 @dataclass
 class TrainResult:
     step: int
-    best_val: float | None
+    best_val: float | None  # best value of cfg.select_metric
     last: dict[str, float] = field(default_factory=dict)
     stopped_early: bool = False
 
@@ -245,8 +245,13 @@ def train(
         val = {f"val_{k}": v for k, v in res.items()}
         if val_metrics:
             val.update(val_metrics(res))
-        if best_val is None or val["val_loss"] < best_val:
-            best_val, bad_evals = val["val_loss"], 0
+        if cfg.select_metric not in val:
+            raise ConfigError(f"train.select_metric: {cfg.select_metric!r} is not measured here "
+                              f"(valid: {', '.join(val)})")
+        score = val[cfg.select_metric]
+        lower_is_better = cfg.select_metric.endswith(("loss", "perplexity", "bits_per_byte"))
+        if best_val is None or (score < best_val if lower_is_better else score > best_val):
+            best_val, bad_evals = score, 0
             if ddp.main:
                 save_weights(model, run_dir / "model.safetensors")
         else:
@@ -313,7 +318,7 @@ def train(
             bar.write(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in val.items()))
             if cfg.early_stop_patience and bad_evals >= cfg.early_stop_patience:
                 stopped_early = True
-                bar.write(f"early stop: validation loss has not improved for {bad_evals} evaluations")
+                bar.write(f"early stop: {cfg.select_metric} has not improved for {bad_evals} evaluations")
         save_now = evaluate_now or stopped_early or (cfg.save_interval and step % cfg.save_interval == 0)
         if save_now and ddp.main:
             save_checkpoint(run_dir, step, model, state_dict())
