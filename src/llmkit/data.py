@@ -58,7 +58,9 @@ def iter_documents(source: str, text_field: str = "text") -> Iterator[tuple[str,
                         f"({', '.join(CORPORA)})")
 
 
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) for each non-blank line of a JSONL file; a bad line is a one-line error naming it.
+    Every JSONL reader (corpora, labelled datasets, passages to embed) goes through here."""
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -67,11 +69,18 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                raise DataError(f"{path}:{n}: no {text_field!r} field (choose another with --text-field)")
-            if not isinstance(record[text_field], str):
-                raise DataError(f"{path}:{n}: field {text_field!r} is not a string")
-            yield f"{path}:{n}", record[text_field]
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object per line")
+            yield n, record
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
+    for n, record in read_jsonl(path):
+        if text_field not in record:
+            raise DataError(f"{path}:{n}: no {text_field!r} field (choose another with --text-field)")
+        if not isinstance(record[text_field], str):
+            raise DataError(f"{path}:{n}: field {text_field!r} is not a string")
+        yield f"{path}:{n}", record[text_field]
 
 
 def _chunks(text: str, size: int = CHUNK_BYTES) -> Iterator[str]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import sys
 import tarfile
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmkit.data import read_jsonl
 from llmkit.errors import DataError
 
 VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
@@ -90,21 +90,12 @@ def read_labelled(path: str | Path, text_field: str = "text", label_field: str =
                         f"({', '.join(BUILTIN)})")
     rows: list[tuple[int, object, object]] = []  # (line, text, label)
     if p.suffix == ".jsonl":
-        with p.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{p}:{n}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise DataError(f"{p}:{n}: expected a JSON object per line")
-                for key, what in ((text_field, "text"), (label_field, "label")):
-                    if key not in rec:
-                        raise DataError(f"{p}:{n}: no {key!r} key for the {what} (keys: {', '.join(rec)}; choose "
-                                        f"with --finetune.{what}_field)")
-                rows.append((n, rec[text_field], rec[label_field]))
+        for n, rec in read_jsonl(p):
+            for key, what in ((text_field, "text"), (label_field, "label")):
+                if key not in rec:
+                    raise DataError(f"{p}:{n}: no {key!r} key for the {what} (keys: {', '.join(rec)}; choose "
+                                    f"with --finetune.{what}_field)")
+            rows.append((n, rec[text_field], rec[label_field]))
     elif p.suffix in (".csv", ".tsv"):
         with p.open(encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f, delimiter="\t" if p.suffix == ".tsv" else ",")

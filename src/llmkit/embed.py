@@ -9,13 +9,13 @@ only models trained for it (all-minilm-l6-v2) give good semantic matches.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llmkit.data import read_jsonl
 from llmkit.datasets import fixed_batches
 from llmkit.errors import DataError
 from llmkit.model.encoder import mean_pool
@@ -82,15 +82,10 @@ def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
     try:
         if p.suffix == ".jsonl":
             texts = []
-            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-                if line.strip():
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{p}:{n}: not valid JSON ({e.msg})") from None
-                    if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
-                        raise DataError(f"{p}:{n}: no string {text_field!r} field (choose with --text-field)")
-                    texts.append(rec[text_field])
+            for n, rec in read_jsonl(p):
+                if not isinstance(rec.get(text_field), str):
+                    raise DataError(f"{p}:{n}: no string {text_field!r} field (choose with --text-field)")
+                texts.append(rec[text_field])
         elif p.suffix in (".csv", ".tsv"):
             with p.open(encoding="utf-8", newline="") as f:
                 reader = csv.DictReader(f, delimiter="\t" if p.suffix == ".tsv" else ",")
