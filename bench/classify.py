@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LLMKIT = [sys.executable, "-m", "llmkit.cli"]
+LLMKIT = [sys.executable, "-m", "llmkit.cli.main"]
 RUNS = ROOT / "runs"
 
 MLM_PREP = [
@@ -69,9 +69,9 @@ def mlm_figures() -> dict | None:
         return None
     import numpy as np
 
-    from llmkit.data import load_tokens
-    from llmkit.tokenizer import Tokenizer
-    from llmkit.wordpiece import special_ids
+    from llmkit.data.shards import load_tokens
+    from llmkit.data.tokenizer import Tokenizer
+    from llmkit.data.wordpiece import special_ids
 
     vals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in vals if "val_masked_accuracy" in r]

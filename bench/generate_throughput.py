@@ -19,10 +19,10 @@ import time
 import torch
 
 from llmkit.config import MODEL_PRESETS, ModelConfig
-from llmkit.generate import SamplingConfig, generate
-from llmkit.hf import from_hf_state_dict, hf_config
+from llmkit.data.tokenizer import Tokenizer
+from llmkit.infer.generate import SamplingConfig, generate
+from llmkit.interop.hf import from_hf_state_dict, hf_config
 from llmkit.model import build_model
-from llmkit.tokenizer import Tokenizer
 
 PROMPTS = ["The meaning of life is", "Once upon a time, in a land far away,", "ROMEO:", "def fibonacci(n):",
            "The quick brown fox", "In the beginning God created", "Hello, my name is", "To be, or not to be"]
@@ -58,7 +58,7 @@ def smollm2_twins(dtype: torch.dtype):
     import transformers
 
     import llmkit
-    from llmkit.registry import builtin_source
+    from llmkit.interop.registry import builtin_source
 
     lm = llmkit.load("smollm2-135m-instruct", device="cpu", dtype=str(dtype).removeprefix("torch."))
     src = builtin_source("smollm2-135m-instruct")

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 import llmkit
-from llmkit.corpora import CORPORA, package_dir
-from llmkit.evaluate import evaluate_lm
-from llmkit.registry import builtin_source
+from llmkit.data.corpora import CORPORA, package_dir
+from llmkit.infer.evaluate import evaluate_lm
+from llmkit.interop.registry import builtin_source
 
 
 def default_text() -> str:

@@ -23,8 +23,10 @@ import torch
 
 from llmkit.config import ModelConfig, TrainConfig
 from llmkit.model import build_model
-from llmkit.objectives import CausalLM
-from llmkit.train import autocast, make_optimizer, peak_flops, train
+from llmkit.runtime import autocast, peak_flops
+from llmkit.train.loop import train
+from llmkit.train.objectives import CausalLM
+from llmkit.train.optim import make_optimizer
 
 SHAPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=50304)
 BATCH = 8

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from llmkit.config import ModelConfig
-from llmkit.corpora import corpus_documents
-from llmkit.data import prepare
-from llmkit.tokenizer import Tokenizer
+from llmkit.data.corpora import corpus_documents
+from llmkit.data.shards import prepare
+from llmkit.data.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -8,10 +8,10 @@ import numpy as np
 import torch
 
 from conftest import tiny_model_config
-from llmkit.checkpoint import save_weights
 from llmkit.config import RunConfig, save_yaml
+from llmkit.data.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
 from llmkit.model import build_model
-from llmkit.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
+from llmkit.model.weights import save_weights
 
 CHAT_SPECIALS = ("<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>")
 
@@ -45,7 +45,7 @@ def write_tiny_gguf(path: Path, hf_state: dict[str, torch.Tensor], hf_cfg: dict,
     """A GGUF file of an HF Llama state dict, with tokenizer metadata, the way llama.cpp writes one."""
     import gguf
 
-    from llmkit.hf import GGUF_LLAMA_NAMES
+    from llmkit.interop.hf import GGUF_LLAMA_NAMES
 
     to_gguf = {}
     for g, h in GGUF_LLAMA_NAMES.items():

@@ -8,9 +8,9 @@ import json
 import pytest
 
 from helpers_convert import chat_tokenizer, make_run_folder
-from llmkit.chat import ChatSession, run_chat
-from llmkit.cli import main
-from llmkit.generate import SamplingConfig
+from llmkit.cli.main import main
+from llmkit.infer.chat import ChatSession, run_chat
+from llmkit.infer.generate import SamplingConfig
 
 
 @pytest.fixture(scope="module")

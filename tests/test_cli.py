@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llmkit.cli import main
+from llmkit.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,9 +3,10 @@ import json
 import numpy as np
 import pytest
 
-from llmkit.data import TokenBatches, load_tokens, prepare
+from llmkit.data.batches import TokenBatches
+from llmkit.data.shards import load_tokens, prepare
+from llmkit.data.tokenizer import Tokenizer
 from llmkit.errors import DataError
-from llmkit.tokenizer import Tokenizer
 
 
 def test_prepare_counts_tokens_and_bytes(data_dir, corpus_file, tokenizer_dir):

@@ -5,10 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from llmkit.cli import main
-from llmkit.embed import SentenceEncoder, read_texts
+from llmkit.cli.main import main
+from llmkit.data.readers import read_texts
 from llmkit.errors import DataError
-from llmkit.registry import builtin_source
+from llmkit.interop.registry import builtin_source
+from llmkit.tasks.embed import SentenceEncoder
 
 SENTENCES = [
     "A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",

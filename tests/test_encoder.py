@@ -8,12 +8,12 @@ import torch
 import transformers
 
 from llmkit.config import ModelConfig, RunConfig, build
+from llmkit.data.wordpiece import encode_texts, special_ids, train_wordpiece
 from llmkit.errors import ConfigError
-from llmkit.hf import from_hf_state_dict, hf_config, to_hf_state_dict
+from llmkit.interop.hf import from_hf_state_dict, hf_config, to_hf_state_dict
+from llmkit.interop.registry import builtin_source
 from llmkit.model import EncoderLM, build_model
-from llmkit.objectives import get_objective
-from llmkit.registry import builtin_source
-from llmkit.wordpiece import encode_texts, special_ids, train_wordpiece
+from llmkit.train.objectives import get_objective
 
 
 def tiny_bert(**kw) -> ModelConfig:
@@ -50,10 +50,10 @@ def test_bert_matches_transformers_with_heads_and_padding():
 
 
 def test_minilm_hidden_states_equal_transformers():
-    from llmkit.pretrained import load_backbone
+    from llmkit.infer.load import load_model
 
     src = builtin_source("all-minilm-l6-v2")
-    bb = load_backbone("all-minilm-l6-v2")
+    bb = load_model("all-minilm-l6-v2")
     texts = ["The cat sits outside.", "A man is playing a guitar and singing!", "naïve café résumé",
              "It is raining heavily in Paris tonight, and the streets are empty."]
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(src))
@@ -71,9 +71,9 @@ def test_minilm_hidden_states_equal_transformers():
 
 
 def test_minilm_tokenizer_is_wordpiece_with_cls_sep():
-    from llmkit.pretrained import load_backbone
+    from llmkit.infer.load import load_model
 
-    tok = load_backbone("all-minilm-l6-v2").tokenizer
+    tok = load_model("all-minilm-l6-v2").tokenizer
     assert tok.kind == "wordpiece"
     ids = special_ids(tok)
     assert (ids["cls"], ids["sep"], ids["pad"], ids["mask"]) == (101, 102, 0, 103)
@@ -116,7 +116,7 @@ def test_nsp_pairs(wp_tokenizer):
 
 
 def test_objective_needs_matching_arch(tmp_path):
-    from llmkit.pretrain import pretrain
+    from llmkit.train.pretrain import pretrain
 
     for model, objective in (({"arch": "gpt2"}, "mlm"), ("bert-mini", "causal_lm"), ("bert-mini", "classify")):
         cfg = build(RunConfig, {"model": model, "train": {"objective": objective}})
@@ -128,8 +128,8 @@ def test_objective_needs_matching_arch(tmp_path):
 
 @pytest.mark.slow
 def test_pretrain_mlm_nsp_logs_masked_accuracy(tmp_path, corpus_file):
-    from llmkit.data import prepare
-    from llmkit.pretrain import pretrain
+    from llmkit.data.shards import prepare
+    from llmkit.train.pretrain import pretrain
 
     tok_dir = train_wordpiece([corpus_file.read_text()], vocab_size=400).save(tmp_path / "tok")
     prepare(str(corpus_file), tok_dir, tmp_path / "data", quiet=True)

@@ -4,10 +4,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model_config
-from llmkit.api import LLM
-from llmkit.evaluate import evaluate_lm
+from llmkit.data.tokenizer import Tokenizer
+from llmkit.infer.api import LLM
+from llmkit.infer.evaluate import evaluate_lm
 from llmkit.model import build_model
-from llmkit.tokenizer import Tokenizer
 
 
 def test_eval_equals_plain_cross_entropy_over_every_token(tmp_path, tokenizer_dir):

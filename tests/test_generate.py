@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from conftest import tiny_model_config
+from llmkit.data.tokenizer import Tokenizer
 from llmkit.errors import ConfigError
-from llmkit.generate import SamplingConfig, generate, process_logits
+from llmkit.infer.generate import SamplingConfig, generate, process_logits
 from llmkit.model import build_model
-from llmkit.tokenizer import Tokenizer
 
 PROMPTS = ["ROMEO:", "But soft, what light through yonder window breaks? It is the east", "O"]
 

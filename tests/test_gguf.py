@@ -13,9 +13,9 @@ import torch
 import transformers
 
 from helpers_convert import chat_tokenizer, write_tiny_gguf
-from llmkit.cli import main
+from llmkit.cli.main import main
 from llmkit.errors import CheckpointError
-from llmkit.gguf_import import read_gguf
+from llmkit.interop.gguf import read_gguf
 
 LLMKIT = Path(sys.executable).parent / "llmkit"
 
@@ -38,8 +38,8 @@ def tiny_gguf(tmp_path_factory, corpus_file):
 
 @pytest.mark.parametrize("quant", ["F32", "F16", "Q8_0"])
 def test_tiny_gguf_logits_equal_transformers_from_the_same_file(tiny_gguf, quant):
-    from llmkit.checkpoint import load_into
-    from llmkit.convert import empty_model
+    from llmkit.model import empty_model
+    from llmkit.model.weights import load_into
 
     _, tok, files = tiny_gguf
     path = files[quant]
@@ -71,7 +71,7 @@ def test_tiny_gguf_tokenizer_and_chat_template(tiny_gguf, corpus_file):
 
 def test_gguf_is_converted_once_then_read_from_the_cache(tiny_gguf, tmp_path, monkeypatch):
     import llmkit
-    import llmkit.gguf_import
+    import llmkit.interop.registry
 
     monkeypatch.setenv("LLMKIT_HOME", str(tmp_path / "home"))
     path = tiny_gguf[2]["Q8_0"]
@@ -83,14 +83,14 @@ def test_gguf_is_converted_once_then_read_from_the_cache(tiny_gguf, tmp_path, mo
     def boom(*a, **k):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(llmkit.gguf_import, "read_gguf", boom)
+    monkeypatch.setattr(llmkit.interop.registry, "read_gguf", boom)
     second = llmkit.load(path, device="cpu")
     for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()):
         assert torch.equal(a, b)
 
 
 def test_cache_root_order(monkeypatch, tmp_path):
-    from llmkit.registry import cache_root
+    from llmkit.interop.registry import cache_root
 
     monkeypatch.setenv("LLMKIT_HOME", str(tmp_path / "a"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "b"))
@@ -143,7 +143,7 @@ def smol_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def smol(smol_home):
     import llmkit
-    from llmkit.registry import builtin_source
+    from llmkit.interop.registry import builtin_source
 
     old = os.environ.get("LLMKIT_HOME")
     os.environ["LLMKIT_HOME"] = str(smol_home)

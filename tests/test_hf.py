@@ -10,11 +10,12 @@ import torch
 import transformers
 
 from helpers_convert import chat_tokenizer, make_run_folder
-from llmkit.checkpoint import load_weights
-from llmkit.cli import main
-from llmkit.convert import convert, read_hf_folder
+from llmkit.cli.main import main
 from llmkit.errors import CheckpointError
-from llmkit.generate import SamplingConfig, generate
+from llmkit.infer.generate import SamplingConfig, generate
+from llmkit.interop.convert import convert
+from llmkit.interop.hf_folder import read_hf_folder
+from llmkit.model.weights import load_weights
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def runs(tmp_path_factory, chat_tok, data_dir) -> dict[str, Path]:
     """A GPT-2-flavour run trained for a few steps, and a random Llama-flavour run with a padded vocabulary."""
     from conftest import tiny_model_config
     from llmkit.config import DataConfig, RunConfig, TrainConfig
-    from llmkit.pretrain import pretrain
+    from llmkit.train.pretrain import pretrain
 
     root = tmp_path_factory.mktemp("runs")
     cfg = RunConfig(model=tiny_model_config("gpt2"), data=DataConfig(path=str(data_dir), batch_size=4),

@@ -4,7 +4,7 @@ import transformers
 
 from conftest import tiny_model_config
 from llmkit.config import MODEL_PRESETS, ModelConfig
-from llmkit.hf import from_hf_state_dict, hf_config, to_hf_state_dict
+from llmkit.interop.hf import from_hf_state_dict, hf_config, to_hf_state_dict
 from llmkit.model import build_model
 
 

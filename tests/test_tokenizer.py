@@ -3,8 +3,8 @@ import random
 import pytest
 import transformers
 
+from llmkit.data.tokenizer import Tokenizer
 from llmkit.errors import DataError
-from llmkit.tokenizer import Tokenizer
 
 SAMPLES = ["", "Hello world", "  leading spaces\n\n\ttabs", "héllo wörld — “quotes” 🌍🚀 日本語 ∑∫", "<|endoftext|>"]
 

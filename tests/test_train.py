@@ -9,10 +9,10 @@ import pytest
 
 from llmkit.config import RunConfig, build, load_run_config
 from llmkit.errors import CheckpointError, ConfigError
-from llmkit.pretrain import pretrain
+from llmkit.train.pretrain import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
-LLMKIT = [sys.executable, "-m", "llmkit.cli"]
+LLMKIT = [sys.executable, "-m", "llmkit.cli.main"]
 
 
 def tiny_run_config(data_dir: Path, **train) -> dict:
@@ -64,7 +64,7 @@ def test_resume_after_kill_gives_identical_losses(tmp_path, data_dir):
     script = textwrap.dedent(f"""
         import os, signal
         from llmkit.config import RunConfig, build
-        from llmkit.pretrain import pretrain
+        from llmkit.train.pretrain import pretrain
         def die(step, _):
             if step == 13:  # past the step-10 checkpoint: steps 11-13 are lost work
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -146,7 +146,7 @@ def test_ddp_on_two_cpu_processes_equals_one_process(tmp_path, data_dir):
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(base))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = Path(sys.executable).parent / "torchrun"
-    two = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "llmkit.cli", "pretrain",
+    two = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "llmkit.cli.main", "pretrain",
                           "--config", str(tmp_path / "two.yaml"), "--out", str(tmp_path / "two"), "--quiet"],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]

@@ -1,6 +1,6 @@
 """llmkit: make language models end to end, in one readable PyTorch codebase."""
 
-from llmkit.api import LLM, load
+from llmkit.infer.api import LLM, load
 
 __all__ = ["LLM", "load"]
 __version__ = "0.1.0"

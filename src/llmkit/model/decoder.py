@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from llmkit.config import ModelConfig
-from llmkit.model.layers import Block, KVCache, Rotary, attention_mask, flops_per_token, make_norm
+from llmkit.model.layers import Block, KVCache, Rotary, Transformer, attention_mask, make_norm
 from llmkit.model.loss import linear_cross_entropy
 
 
@@ -21,7 +20,7 @@ class DecoderOutput:
     loss: Tensor | None = None  # mean next-token cross-entropy when labels were given
 
 
-class DecoderLM(nn.Module):
+class DecoderLM(Transformer):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -35,29 +34,7 @@ class DecoderLM(nn.Module):
         self.lm_head = nn.Linear(C, V, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.apply(self._init_weights)
-        # GPT-2's scaled init: residual projections shrink with depth so the stream's variance stays put.
-        for name, p in self.named_parameters():
-            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    def num_params(self, non_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding and self.pos_embed is not None:
-            n -= self.pos_embed.weight.numel()
-        return n
-
-    def flops_per_token(self, seq_len: int | None = None) -> float:
-        return flops_per_token(self.cfg, self.num_params(), seq_len or self.cfg.block_size)
+        self.init_weights(scaled_residuals=True)
 
     def forward(
         self,
@@ -97,7 +74,8 @@ class DecoderLM(nn.Module):
             cache.advance(T)
         x = self.norm(x)  # (B, T, C)
         if labels is not None:
-            loss = linear_cross_entropy(x, self.lm_head.weight, labels)
+            # Over the real vocabulary only: the padding rows are not tokens, and `llmkit eval` scores the same way.
+            loss = linear_cross_entropy(x, self.lm_head.weight[: self.cfg.vocab_size], labels)
             return DecoderOutput(logits=None, hidden=x, attentions=attentions, loss=loss)
         h = x if logits_slice is None else x[:, logits_slice]
         return DecoderOutput(logits=self.lm_head(h), hidden=x, attentions=attentions)

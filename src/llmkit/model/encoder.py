@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmkit.config import ModelConfig
-from llmkit.model.layers import Block, attention_mask, flops_per_token
+from llmkit.model.layers import Block, Transformer, attention_mask
 
 
 @dataclass
@@ -42,8 +42,10 @@ class MLMHead(nn.Module):
         return self.decoder(self.norm(F.gelu(self.dense(h)))) + self.bias  # (..., V)
 
 
-class EncoderLM(nn.Module):
+class EncoderLM(Transformer):
     """A BERT: `forward` gives hidden states and the pooled [CLS] vector; the heads run only when asked."""
+
+    lookup_tables = ("pos_embed", "type_embed")
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -60,24 +62,7 @@ class EncoderLM(nn.Module):
         self.nsp = nn.Linear(C, 2)
         if cfg.tie_embeddings:
             self.mlm.decoder.weight = self.embed.weight
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        """BERT's init: N(0, 0.02) for matrices and embeddings, zero biases, unit LayerNorms."""
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-
-    def num_params(self, non_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.pos_embed.weight.numel() + self.type_embed.weight.numel()
-        return n
-
-    def flops_per_token(self, seq_len: int | None = None) -> float:
-        return flops_per_token(self.cfg, self.num_params(), seq_len or self.cfg.block_size)
+        self.init_weights(scaled_residuals=False)  # BERT's init: N(0, 0.02), zero biases, unit norms
 
     def forward(
         self,

@@ -16,9 +16,42 @@ from torch import Tensor, nn
 from llmkit.config import ModelConfig
 
 
-def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the weights plus the attention scores (PaLM appendix B)."""
-    return 6 * n_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+class Transformer(nn.Module):
+    """What every llmkit Transformer shares: its config, the GPT-2/BERT weight init, parameter and FLOP counts.
+
+    Subclasses build their modules, then call `init_weights()`."""
+
+    cfg: ModelConfig
+    # Embedding tables that only look rows up (no matmul): left out of the FLOP count, as nanoGPT/PaLM do.
+    lookup_tables: tuple[str, ...] = ("pos_embed",)
+
+    def init_weights(self, scaled_residuals: bool) -> None:
+        """N(0, 0.02) for matrices and embeddings, zero biases (norms keep their ones). With `scaled_residuals`,
+        GPT-2's depth scaling: residual projections get std 0.02 / sqrt(2 * n_layer) so the stream's variance
+        stays put however deep the model is."""
+        def init(module: nn.Module) -> None:
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(init)  # children first, in registration order: the same draws as before this was shared
+        if scaled_residuals:
+            for name, p in self.named_parameters():
+                if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters (tied ones once); `non_embedding` leaves out the lookup-only tables (positions, types)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= sum(m.weight.numel() for name in self.lookup_tables if (m := getattr(self, name, None)) is not None)
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6N for the weights plus the attention scores (PaLM appendix B)."""
+        T = seq_len or self.cfg.block_size
+        return 6 * self.num_params() + 12 * self.cfg.n_layer * self.cfg.n_head * self.cfg.head_dim * T
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:

@@ -9,6 +9,8 @@ PyTorch). The loss and gradients equal `F.cross_entropy(h @ W.T, labels)` up to 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -62,3 +64,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
     """Mean cross-entropy of `h @ weight.T` against `labels`; h (..., C), labels (...)."""
     return _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, labels.reshape(-1))
+
+
+def lm_figures(loss: float, tokens: int, nbytes: int) -> dict[str, float]:
+    """Perplexity and bits per byte (comparable across tokenizers) from a mean loss in nats per token."""
+    return {"perplexity": math.exp(min(loss, 50.0)), "bits_per_byte": loss / math.log(2) * tokens / max(1, nbytes)}

@@ -1,0 +1,1 @@
+"""`llmkit <verb>`: `main.py` is the entry point; one module per group of verbs."""

@@ -1,0 +1,105 @@
+"""CLI verbs that run a language model: `llmkit generate`, `llmkit eval`, `llmkit chat`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from llmkit.cli.common import MODEL_HELP, add_device_args
+from llmkit.config import add_dataclass_args, dataclass_from_args
+from llmkit.infer.generate import SamplingConfig
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from llmkit.infer.api import load
+    cfg = dataclass_from_args(SamplingConfig, args)
+    llm = load(args.model, device=args.device, dtype=args.dtype)
+    prompts = args.prompt or [""]
+    shown, eos_ids = prompts, None
+    if args.chat:  # each prompt is one user turn through the model's chat template; stop at end of turn
+        from llmkit.data.tokenizer import end_of_turn_ids
+
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompts = [llm.tokenizer.apply_chat_template(system + [{"role": "user", "content": p}]) for p in prompts]
+        eos_ids, shown = set(end_of_turn_ids(llm.tokenizer)), [""] * len(prompts)
+    stream = len(prompts) == 1 and not args.json and (args.stream or sys.stdout.isatty())
+    t0 = time.perf_counter()
+    if stream:
+        sys.stdout.write(shown[0])
+        sys.stdout.flush()
+
+    def on_text(_: int, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    results = llm.generate(prompts, on_text=on_text if stream else None, config=cfg, eos_ids=eos_ids)
+    dt = time.perf_counter() - t0
+    n_tokens = sum(len(r.token_ids) for r in results)
+    if stream:
+        print()
+    for r, prompt in zip(results, args.prompt or [""]):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": r.text, "tokens": len(r.token_ids),
+                              "finish_reason": r.finish_reason, "tokens_per_s": round(n_tokens / dt, 2)}))
+        elif not stream:
+            print(r.text.strip() if args.chat else r.prompt + r.text)
+            if len(results) > 1:
+                print("-" * 40)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from llmkit.infer.api import load
+    from llmkit.infer.evaluate import evaluate_lm
+
+    llm = load(args.model, device=args.device, dtype=args.dtype)
+    res = evaluate_lm(llm, args.data, split=args.split, batch_size=args.batch_size, quiet=args.quiet or args.json)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{res['data']}: loss {res['loss']:.4f}  perplexity {res['perplexity']:.2f}  "
+              f"bits/byte {res['bits_per_byte']:.4f}  ({res['tokens']:,} tokens, {res['bytes']:,} bytes)")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from llmkit.infer.api import load
+    from llmkit.infer.chat import ChatSession, run_chat
+    cfg = dataclass_from_args(SamplingConfig, args)
+    llm = load(args.model, device=args.device, dtype=args.dtype)
+    run_chat(ChatSession(llm, cfg, system=args.system), name=str(args.model))
+
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    g = sub.add_parser("generate", help="continue a prompt with a trained model",
+                       description="Generate text. Several --prompt options run as one left-padded batch.")
+    g.add_argument("--model", required=True, help=MODEL_HELP)
+    g.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    g.add_argument("--chat", action="store_true", help="wrap each prompt as one user turn in the chat template "
+                   "and stop at the end-of-turn token")
+    g.add_argument("--system", help="system prompt for --chat")
+    add_dataclass_args(g, SamplingConfig)
+    add_device_args(g)
+    g.add_argument("--stream", action="store_true", help="stream tokens even when stdout is not a terminal")
+    g.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    g.set_defaults(fn=cmd_generate)
+
+    e = sub.add_parser("eval", help="loss, perplexity and bits per byte on a split or a text file")
+    e.add_argument("--model", required=True, help=MODEL_HELP)
+    e.add_argument("--data", required=True, help="prepared data folder or a UTF-8 text file")
+    e.add_argument("--split", default="val", help="split of a data folder")
+    e.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    add_device_args(e)
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(fn=cmd_eval)
+
+    c = sub.add_parser("chat", help="talk to a model through its chat template",
+                       description="A multi-turn chat REPL with streamed replies (/reset, /exit). With stdin from a "
+                       "pipe it reads one user turn per line until /exit or end of input.")
+    c.add_argument("--model", required=True, help=MODEL_HELP)
+    c.add_argument("--system", help="system prompt (default: the template's own, if any)")
+    add_dataclass_args(c, SamplingConfig, skip=("stop",))
+    add_device_args(c)
+    c.set_defaults(fn=cmd_chat)

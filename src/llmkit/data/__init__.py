@@ -1,0 +1,1 @@
+"""Text in, tokens out: tokenizers, built-in corpora, token shards, labelled datasets, file readers, batches."""

@@ -1,0 +1,171 @@
+"""Text generation: a pre-allocated KV cache, greedy or sampled decoding, stop strings, streaming, batches.
+
+Prompts of different lengths share one batch by left padding: every row's last prompt token sits in the same
+column, so one decode step serves all rows. Position ids count from each row's first real token, and the
+padding is masked out of attention, so a padded row computes exactly what it would alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from llmkit.data.tokenizer import Tokenizer
+from llmkit.errors import ConfigError
+
+
+@dataclass
+class SamplingConfig:
+    """How tokens are chosen."""
+
+    max_new_tokens: int = 200
+    """Most tokens to generate per prompt."""
+    temperature: float = 0.8
+    """Softmax temperature; 0 means greedy (always the most likely token)."""
+    top_k: int = 0
+    """Sample only among the k most likely tokens (0 = no limit)."""
+    top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens whose probability reaches p (1 = no limit)."""
+    repetition_penalty: float = 1.0
+    """Divide the logits of tokens already present by this (>1 discourages repeats; 1 = off)."""
+    seed: int | None = None
+    """Seed for sampling; the same seed and prompt give the same text."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end a generation (not included in the output)."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"--top-k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
+
+
+@dataclass
+class Generation:
+    prompt: str
+    text: str  # the continuation only
+    token_ids: list[int]
+    finish_reason: str  # "eos", "stop", "length"
+
+
+def process_logits(logits: Tensor, seen: Tensor | None, cfg: SamplingConfig) -> Tensor:
+    """(B, V) raw logits -> (B, V) logits after repetition penalty, temperature, top-k and top-p."""
+    if cfg.repetition_penalty != 1.0 and seen is not None:
+        scores = logits.gather(1, seen)  # (B, S)
+        scores = torch.where(scores > 0, scores / cfg.repetition_penalty, scores * cfg.repetition_penalty)
+        logits = logits.scatter(1, seen, scores)
+    if cfg.temperature == 0:
+        return logits
+    logits = logits / cfg.temperature
+    if cfg.top_k:
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > cfg.top_p  # keep the token that crosses p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+def _pick(logits: Tensor, cfg: SamplingConfig, gen: torch.Generator | None) -> Tensor:
+    if cfg.temperature == 0:
+        return logits.argmax(-1)  # (B,)
+    probs = logits.float().softmax(-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    prompts: list[str] | list[list[int]],
+    cfg: SamplingConfig,
+    on_text: Callable[[int, str], None] | None = None,
+    eos_ids: set[int] | None = None,
+) -> list[Generation]:
+    """Continue each prompt. `on_text(row, new_text)` streams text as soon as it decodes cleanly."""
+    model.eval()
+    device = next(model.parameters()).device
+    mcfg = model.cfg
+    encoded = [p if isinstance(p, list) else tokenizer.encode(p) for p in prompts]
+    encoded = [ids or [tokenizer.eos_id] for ids in encoded]  # an empty prompt starts a fresh document
+    B, L = len(encoded), max(len(ids) for ids in encoded)
+    if L >= mcfg.block_size:
+        raise ConfigError(f"prompt is {L} tokens, the model's context is {mcfg.block_size}")
+    new = min(cfg.max_new_tokens, mcfg.block_size - L)
+    eos = eos_ids if eos_ids is not None else {tokenizer.eos_id}
+    ids = torch.full((B, L), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros((B, L + new), dtype=torch.long)
+    for i, row in enumerate(encoded):
+        ids[i, L - len(row):] = torch.tensor(row)
+        mask[i, L - len(row):] = 1
+    mask[:, L:] = 1  # generated tokens are always real
+    ids, mask = ids.to(device), mask.to(device)
+    padded = bool((mask[:, :L] == 0).any())
+    gen = None
+    if cfg.seed is not None and cfg.temperature > 0:
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    cache = model.new_cache(B, L + new)
+    out = model(ids, attention_mask_2d=mask[:, :L] if padded else None, cache=cache, logits_slice=slice(-1, None))
+    # Tokens already present, for the repetition penalty; padding stands in as the row's last prompt token.
+    seen = torch.where(mask[:, :L].bool(), ids, ids[:, -1:]) if cfg.repetition_penalty != 1.0 else None
+    generated: list[list[int]] = [[] for _ in range(B)]
+    texts = [""] * B
+    streamed = [0] * B
+    finish = [""] * B
+    for t in range(new):
+        logits = out.logits[:, -1, : mcfg.vocab_size].float()  # (B, V) without the vocabulary padding
+        nxt = _pick(process_logits(logits, seen, cfg), cfg, gen)  # (B,)
+        for i, tok in enumerate(nxt.tolist()):
+            if finish[i]:
+                continue
+            if tok in eos:
+                finish[i] = "eos"
+                continue
+            generated[i].append(tok)
+            texts[i] = tokenizer.decode(generated[i])
+            hit = [texts[i].find(s) for s in cfg.stop if s in texts[i]]
+            if hit:
+                texts[i], finish[i] = texts[i][: min(hit)], "stop"
+            if on_text is not None:
+                # Hold back text that may still become a stop string or an incomplete UTF-8 character.
+                safe = len(texts[i]) if finish[i] else _stream_safe(texts[i], cfg.stop)
+                if safe > streamed[i]:
+                    on_text(i, texts[i][streamed[i]:safe])
+                    streamed[i] = safe
+        if all(finish) or t == new - 1:
+            break
+        step_ids = nxt[:, None]  # (B, 1)
+        if seen is not None:
+            seen = torch.cat([seen, step_ids], dim=1)
+        out = model(step_ids, attention_mask_2d=mask[:, : L + t + 1] if padded else None, cache=cache)
+    results = []
+    for i in range(B):
+        if on_text is not None and len(texts[i]) > streamed[i]:
+            on_text(i, texts[i][streamed[i]:])
+        prompt = prompts[i] if isinstance(prompts[i], str) else tokenizer.decode(encoded[i])
+        results.append(Generation(prompt=prompt, text=texts[i], token_ids=generated[i],
+                                  finish_reason=finish[i] or "length"))
+    return results
+
+
+def _stream_safe(text: str, stops: list[str]) -> int:
+    """How much of `text` can be shown now: not a trailing partial character nor a possible stop-string prefix."""
+    end = len(text.rstrip("\ufffd"))
+    for s in stops:
+        for k in range(min(len(s) - 1, end), 0, -1):
+            if text[:end].endswith(s[:k]):
+                end = min(end, len(text[:end]) - k)
+                break
+    return end

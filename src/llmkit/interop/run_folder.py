@@ -1,0 +1,73 @@
+"""The llmkit run folder as a model format: config.yaml + model.safetensors + tokenizer/ (+ source.json).
+
+Every conversion goes through one in-memory form, `Converted` (a ModelConfig, llmkit-named weights and a
+Tokenizer); this module reads and writes it as a run folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from llmkit.config import FinetuneRunConfig, ModelConfig, RunConfig, read_run_folder_config, save_yaml
+from llmkit.data.tokenizer import Tokenizer
+from llmkit.files import atomic_dir, atomic_write_text
+from llmkit.model.weights import load_weights, save_weights
+
+
+@dataclass
+class Converted:
+    """A model in memory between formats: llmkit config + llmkit-named weights + tokenizer."""
+
+    cfg: ModelConfig
+    weights: dict[str, Tensor]
+    tokenizer: Tokenizer
+    source: dict[str, Any] = field(default_factory=dict)  # where it came from, written to source.json
+    run: RunConfig | None = None  # the whole resolved config, when the source is an llmkit run folder
+
+    @property
+    def is_classifier(self) -> bool:
+        """A run folder from `llmkit finetune --task classify`: a backbone plus a classification head."""
+        return isinstance(self.run, FinetuneRunConfig) and self.run.train.objective == "classify"
+
+    def describe(self) -> str:
+        """What this model is and which verbs use it, for errors that say what the model can do."""
+        if self.is_classifier:
+            labels = ", ".join(self.run.finetune.labels)  # type: ignore[union-attr]
+            return f"a text classifier ({labels}) on a {self.cfg.arch} backbone: use `llmkit classify`"
+        if self.cfg.arch == "bert":
+            return "a BERT encoder: it embeds and classifies (`llmkit embed`, `llmkit search`, `llmkit finetune`)"
+        return f"a {self.cfg.arch} decoder: it generates and scores text"
+
+    def backbone_weights(self) -> dict[str, Tensor]:
+        """The language model's own weights: a classifier's `backbone.*` without its head, else all."""
+        if not self.is_classifier:
+            return self.weights
+        return {k.removeprefix("backbone."): v for k, v in self.weights.items() if k.startswith("backbone.")}
+
+
+def read_run_folder(src: str | Path) -> Converted:
+    src = Path(src)
+    run = read_run_folder_config(src)
+    return Converted(run.model, load_weights(src / "model.safetensors"), Tokenizer.load(src / "tokenizer"),
+                     {"format": "llmkit", "path": str(src.resolve())}, run=run)
+
+
+def write_run_folder(conv: Converted, dst: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """config.yaml (model section) + model.safetensors + tokenizer/ + source.json, written atomically."""
+    dst = Path(dst)
+    weights = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+               for k, v in conv.weights.items()}
+    with atomic_dir(dst) as tmp:
+        save_yaml(RunConfig(model=conv.cfg), tmp / "config.yaml")
+        save_weights(weights, tmp / "model.safetensors")
+        conv.tokenizer.save(tmp / "tokenizer")
+        atomic_write_text(tmp / "source.json", json.dumps(conv.source, indent=2))
+    return dst
+
+

@@ -1,0 +1,1 @@
+"""Downstream tasks built on a pretrained backbone: classification (fine-tuning and inference), embeddings."""

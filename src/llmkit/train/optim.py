@@ -1,0 +1,36 @@
+"""The optimiser and the learning-rate schedule of the one loop."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from llmkit.config import TrainConfig
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with decay on weight matrices only: norms, biases and embeddings are left alone."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+
+
+def lr_at(step: int, cfg: TrainConfig, time_used: float = 0.0) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at max_steps.
+
+    Under a time budget (`max_minutes`) the decay follows whichever runs out first, steps or time
+    (`time_used` is the spent fraction), so a run cut short by the clock still ends at the low learning rate.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, max(time_used, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)))
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
