@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(LLMKIT) tokenizer train --corpus shakespeare --kind bpe --vocab-size 4096 --out data/shakespeare-tokenizer
 	$(LLMKIT) prepare --corpus shakespeare --tokenizer data/shakespeare-tokenizer --out data/shakespeare
-	$(LLMKIT) pretrain --config configs/demo.yaml --out runs/demo
+	$(LLMKIT) pretrain --config configs/demo.yaml --out runs/demo --overwrite
 	$(LLMKIT) eval --model runs/demo --data data/shakespeare --json --quiet > runs/demo/eval.json.tmp && mv runs/demo/eval.json.tmp runs/demo/eval.json
 	$(PY) -c "import json; r = json.load(open('runs/demo/eval.json')); print(f\"validation: perplexity {r['perplexity']:.2f} per token, {r['bits_per_byte']:.3f} bits per byte ({r['tokens']:,} tokens)\")"
 	$(LLMKIT) generate --model runs/demo --prompt "ROMEO:" --prompt "First Citizen:" --prompt "To be, or not to be" --max-new-tokens 120 --temperature 0.8 --top-k 50 --seed 1

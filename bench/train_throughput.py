@@ -5,10 +5,18 @@ AdamW (fused), gradient clipping at 1.0, autocast for bf16, random tokens, no dr
 real `train()` loop; transformers through the plain loop its users write. Rounds alternate between the two so
 that a noisy shared machine hurts both alike; each impl's best round counts.
 
-Prints one JSON line per (impl, dtype) with tokens_per_s and mfu (6N + attention FLOPs per token over the
-measured matmul peak of this machine in that dtype), then one line with the ratios.
+Prints a first JSON line describing the machine (lscpu model name, the CPU flags that decide bf16 speed:
+avx512f / avx512_bf16 / avx512_fp16 / amx_*, oneDNN's bf16 support, threads) and the measured matmul peaks, then
+one line per (impl, dtype) with tokens_per_s and mfu, then one line with the ratios. MFU = FLOPs per token
+(`Transformer.flops_per_token`: 6N + attention for this fully trained model, the same count for both sides, as
+they have the same shape) x tokens/s over `runtime.peak_flops`, the best GEMM throughput measured in that dtype
+over several sizes and trials (its docstring gives the method).
 
-    python bench/train_throughput.py [--steps 6] [--rounds 2] [--dtypes float32,bfloat16] [--compile]
+    python bench/train_throughput.py [--steps 6] [--rounds 2] [--dtypes auto|float32,bfloat16] [--compile]
+                                     [--device cpu|cuda]
+
+`--dtypes auto` (the default) is float32, plus bfloat16 where oneDNN has native bf16 matmuls (AVX512-BF16 or
+AMX): without them a bf16 GEMM is emulated, hundreds of times slower, and a step would take minutes.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import tempfile
 import time
 
@@ -50,12 +59,12 @@ class RandomBatches:
         pass
 
 
-def bench_llmkit(dtype: str, steps: int, compile_: bool) -> float:
+def bench_llmkit(dtype: str, steps: int, compile_: bool, device: str = "cpu") -> float:
     cfg = ModelConfig(arch="gpt2", pad_vocab_multiple=64, **SHAPE)
     model = build_model(cfg)
     rates: list[float] = []
     tcfg = TrainConfig(max_steps=steps + 2, warmup_steps=1, eval_interval=0, log_interval=1, dtype=dtype,
-                       device="cpu", compile=compile_)
+                       device=device, compile=compile_)
     with tempfile.TemporaryDirectory() as tmp:
         train(model, CausalLM(), tcfg, RandomBatches(cfg.vocab_size, BATCH, cfg.block_size), [], tmp,
               tokens_per_batch=BATCH * cfg.block_size, callbacks=[lambda step, rec: rates.append(rec["tokens_per_s"])],
@@ -63,22 +72,23 @@ def bench_llmkit(dtype: str, steps: int, compile_: bool) -> float:
     return statistics.median(rates[2:])  # the first steps pay for allocation (and compilation)
 
 
-def bench_hf(dtype: str, steps: int, compile_: bool) -> float:
+def bench_hf(dtype: str, steps: int, compile_: bool, device: str = "cpu") -> float:
     import transformers
 
     hf_cfg = transformers.GPT2Config(n_layer=SHAPE["n_layer"], n_head=SHAPE["n_head"], n_embd=SHAPE["n_embd"],
                                      n_positions=SHAPE["block_size"], vocab_size=SHAPE["vocab_size"],
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
-    model = transformers.GPT2LMHeadModel(hf_cfg).train()
+    dev = torch.device(device)
+    model = transformers.GPT2LMHeadModel(hf_cfg).to(dev).train()
     net = torch.compile(model) if compile_ else model
-    opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
-    device, dt = torch.device("cpu"), {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    opt = make_optimizer(model, TrainConfig(), dev)
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     batches = RandomBatches(SHAPE["vocab_size"], BATCH, SHAPE["block_size"])
     times = []
     for _ in range(steps + 2):
-        b = next(batches)
+        b = {k: v.to(dev) for k, v in next(batches).items()}
         t0 = time.perf_counter()
-        with autocast(device, dt):
+        with autocast(dev, dt):
             loss = net(input_ids=b["input_ids"], labels=b["input_ids"]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -89,28 +99,53 @@ def bench_hf(dtype: str, steps: int, compile_: bool) -> float:
     return BATCH * SHAPE["block_size"] / statistics.median(times[2:])
 
 
+def machine() -> dict:
+    """What the figures depend on: the CPU model and the flags that decide which matmul kernels exist."""
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        lscpu = ""
+    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+    flags = set(fields.get("Flags", "").split())
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+    return {"bench": "train_throughput", "cpu": fields.get("Model name", "?").strip(),
+            "cpu_flags": {f: f in flags for f in wanted}, "torch": torch.__version__,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "onednn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "threads": torch.get_num_threads()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--dtypes", default="auto", help="comma-separated, or auto (see above)")
     ap.add_argument("--compile", action="store_true", help="torch.compile both sides")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU, auto = float32 and bfloat16)")
     args = ap.parse_args()
+    dev = torch.device(args.device)
     flops_per_token = build_model(ModelConfig(arch="gpt2", **SHAPE)).flops_per_token(SHAPE["block_size"])
+    dtypes = args.dtypes.split(",") if args.dtypes != "auto" else (
+        ["float32", "bfloat16"] if dev.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        else ["float32"])
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    peaks = {d: peak_flops(dev, table[d]) for d in dtypes}
+    gpu = {"gpu": torch.cuda.get_device_name(dev)} if dev.type == "cuda" else {}
+    print(json.dumps({**machine(), **gpu, "peak_tflops": {d: round(p / 1e12, 4) for d, p in peaks.items()},
+                      "flops_per_token": flops_per_token}), flush=True)
     best: dict[tuple[str, str], float] = {}
-    for dtype in args.dtypes.split(","):
+    for dtype in dtypes:
         for _ in range(args.rounds):
             for impl, fn in (("llmkit", bench_llmkit), ("hf", bench_hf)):
-                tps = fn(dtype, args.steps, args.compile)
+                tps = fn(dtype, args.steps, args.compile, args.device)
                 best[(impl, dtype)] = max(best.get((impl, dtype), 0.0), tps)
-        peak = peak_flops(torch.device("cpu"), {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
+        peak = peaks[dtype]
         for impl in ("llmkit", "hf"):
             tps = best[(impl, dtype)]
             print(json.dumps({"bench": "train_throughput", "impl": impl, "dtype": dtype, "batch": BATCH,
-                              "seq": SHAPE["block_size"], "compile": args.compile, "tokens_per_s": round(tps, 1),
-                              "mfu": round(tps * flops_per_token / peak, 4), "peak_gflops": round(peak / 1e9, 1),
+                              "seq": SHAPE["block_size"], "compile": args.compile, "device": args.device,
+                              "tokens_per_s": round(tps, 1),
+                              "mfu": round(tps * flops_per_token / peak, 4), "peak_tflops": round(peak / 1e12, 4),
                               "threads": torch.get_num_threads()}), flush=True)
-    dtypes = args.dtypes.split(",")
     ratios = {d: round(best[("llmkit", d)] / best[("hf", d)], 3) for d in dtypes}
     best_ratio = max(best[("llmkit", d)] for d in dtypes) / max(best[("hf", d)] for d in dtypes)
     print(json.dumps({"bench": "train_throughput", "ratio_llmkit_over_hf": ratios,

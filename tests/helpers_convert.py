@@ -11,7 +11,7 @@ from conftest import tiny_model_config
 from llmkit.config import RunConfig, save_yaml
 from llmkit.data.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
 from llmkit.model import build_model
-from llmkit.model.weights import save_weights
+from llmkit.model.weights import save_weights, weights_for_save
 
 CHAT_SPECIALS = ("<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>")
 
@@ -35,13 +35,31 @@ def make_run_folder(out: Path, arch: str, tok: Tokenizer, seed: int = 0, **kw) -
     return out
 
 
+def make_classifier_run(out: Path, arch: str, tok: Tokenizer, labels: tuple[str, ...] = ("neg", "pos")) -> Path:
+    """A run folder shaped like `llmkit finetune --task classify` writes: backbone.* + classifier.* weights and a
+    config with a finetune section (random weights: for tests of what verbs accept, not of predictions)."""
+    from llmkit.config import FinetuneConfig, FinetuneRunConfig, TrainConfig
+
+    torch.manual_seed(0)
+    cfg = tiny_model_config(arch, vocab_size=tok.vocab_size)
+    weights = {f"backbone.{k}": v for k, v in weights_for_save(build_model(cfg)).items()}
+    weights.update({"classifier.weight": torch.randn(len(labels), cfg.n_embd),
+                    "classifier.bias": torch.zeros(len(labels))})
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml(FinetuneRunConfig(model=cfg, train=TrainConfig(objective="classify"),
+                                finetune=FinetuneConfig(labels=list(labels), pooling="mean")), out / "config.yaml")
+    save_weights(weights, out / "model.safetensors")
+    tok.save(out / "tokenizer")
+    return out
+
+
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """What llama.cpp's convert_hf_to_gguf.py does to q_proj / k_proj rows (interleave rotary halves)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def write_tiny_gguf(path: Path, hf_state: dict[str, torch.Tensor], hf_cfg: dict, tok: Tokenizer,
-                    quant: str = "F32", arch: str = "llama") -> Path:
+                    quant: str = "F32", arch: str = "llama", add_bos: bool = False) -> Path:
     """A GGUF file of an HF Llama state dict, with tokenizer metadata, the way llama.cpp writes one."""
     import gguf
 
@@ -75,7 +93,7 @@ def write_tiny_gguf(path: Path, hf_state: dict[str, torch.Tensor], hf_cfg: dict,
     w.add_eos_token_id(tok.eos_id)
     w.add_bos_token_id(tok.bos_id)
     w.add_pad_token_id(tok.pad_id)
-    w.add_add_bos_token(False)
+    w.add_add_bos_token(add_bos)
     w.add_chat_template(tok.chat_template)
     qtype = getattr(gguf.GGMLQuantizationType, quant)
     for name, t in hf_state.items():

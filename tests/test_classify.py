@@ -211,9 +211,34 @@ def test_finetune_lora_encoder_and_decoder(tmp_path, capsys, bert_run, llama_run
         with safe_open(out / "model.safetensors", "pt") as f:  # adapters merged: a plain model
             assert not any("lora" in k for k in f.keys()) and "classifier.weight" in f.keys()
         assert (out / "adapter" / "adapter_model.safetensors").is_file()
-        rc, stdout, _ = run_cli(capsys, "classify", "--model", out, "--text", "a superb movie", "--json")
-        assert rc == 0 and json.loads(stdout)["label"] in ("pos", "neg")
+        texts = ["a superb movie", "the plot was dull and the actor boring", "it was this film"]
+        rc, stdout, _ = run_cli(capsys, "classify", "--model", out, *(a for t in texts for a in ("--text", t)),
+                                "--json")
+        assert rc == 0 and json.loads(stdout.splitlines()[0])["label"] in ("pos", "neg")
+        # The merged run folder predicts what the unmerged adapter on the base model predicts.
+        merged = [json.loads(line)["probabilities"] for line in stdout.splitlines()]
+        unmerged = lora_probabilities(run, out, texts)
+        labels = json.loads((out / "eval.json").read_text())["labels"]
+        assert max(abs(m[lab] - u[k]) for m, u in zip(merged, unmerged) for k, lab in enumerate(labels)) <= 1e-5
     assert json.loads((tmp_path / "llama" / "eval.json").read_text())["accuracy"] >= 0.7
+
+
+def lora_probabilities(base, run, texts: list[str]):
+    """Class probabilities from peft's own loading of `run/adapter` onto the base model: no merge involved."""
+    from peft import PeftModel
+
+    from llmkit.config import read_run_folder_config
+    from llmkit.infer.load import load_model
+    from llmkit.tasks.classify import Classifier, predict_proba
+
+    cfg = read_run_folder_config(run)
+    bb = load_model(base, seed=cfg.train.seed)
+    clf = Classifier(bb.model, len(cfg.finetune.labels), cfg.finetune.pooling)
+    peft_model = PeftModel.from_pretrained(clf, str(run / "adapter")).eval()
+    assert any("lora_A" in n for n, _ in peft_model.named_parameters())
+    with torch.no_grad():  # the adapter moves the output: this is not the base model's head
+        assert not torch.equal(peft_model.classifier.weight, clf.classifier.original_module.weight)
+    return predict_proba(peft_model, bb.tokenizer, texts, cfg.finetune.max_length)
 
 
 def test_classify_cli_errors(tmp_path, capsys, bert_run):

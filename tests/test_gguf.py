@@ -226,3 +226,20 @@ def test_gguf_converts_to_an_hf_folder_transformers_loads(tiny_gguf, tmp_path):
     with torch.no_grad():  # F16 storage rounds the weights: close to the original, equal to a direct GGUF load
         direct = transformers.AutoModelForCausalLM.from_pretrained(files["F16"].parent, gguf_file=files["F16"].name)
         assert (back.eval()(x).logits - direct.eval()(x).logits).abs().max().item() <= 1e-4
+
+
+def test_gguf_add_bos_token_is_kept_through_conversions(tiny_gguf, tmp_path):
+    """tokenizer.ggml.add_bos_token -> Tokenizer.add_bos -> tokenizer_config.json add_bos_token, both ways."""
+    from llmkit.data.tokenizer import Tokenizer
+    from llmkit.interop.convert import convert
+
+    hf, tok, files = tiny_gguf
+    assert not read_gguf(files["F32"]).tokenizer.add_bos
+    path = write_tiny_gguf(tmp_path / "bos.gguf", hf.state_dict(), hf.config.to_dict(), tok, add_bos=True)
+    conv = read_gguf(path)
+    assert conv.tokenizer.add_bos and conv.tokenizer.encode_prompt("hi")[0] == tok.bos_id
+    run = convert(path, tmp_path / "run", to="llmkit")
+    assert Tokenizer.load(run / "tokenizer").add_bos
+    hf_dir = convert(run, tmp_path / "hf", to="hf")
+    theirs = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    assert theirs("hi")["input_ids"] == [tok.bos_id, *tok.encode("hi")]  # transformers adds it too

@@ -200,3 +200,228 @@ def test_bare_gpt2_model_checkpoint_imports(tmp_path, chat_tok):
     chat_tok.save(tmp_path / "m")
     conv = read_hf_folder(tmp_path / "m")
     assert torch.equal(conv.weights["embed.weight"], hf.transformer.wte.weight)
+
+
+# --------------------------------------------------------------------------------------------- --out safety
+
+
+@pytest.mark.parametrize("to", ["llmkit", "hf"])
+def test_convert_never_replaces_a_folder_llmkit_did_not_write(runs, tmp_path, capsys, to):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    err = one_line_error(["convert", "--in", str(runs["llama"]), "--out", str(out), "--to", to], capsys)
+    assert "thesis.tex" in err and str(out) in err
+    assert (out / "thesis.tex").read_text() == "years of work" and [p.name for p in out.iterdir()] == ["thesis.tex"]
+    # an HF folder with a user's file next to the weights is not an export either
+    hf_dir = export(runs["llama"], tmp_path / "hf")
+    (hf_dir / "README.md").write_text("my notes")
+    err = one_line_error(["convert", "--in", str(runs["llama"]), "--out", str(hf_dir), "--to", to], capsys)
+    assert "README.md" in err and (hf_dir / "README.md").is_file()
+
+
+def test_convert_replaces_empty_folders_and_its_own_outputs(runs, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert (convert(runs["llama"], tmp_path / "empty", to="hf") / "config.json").is_file()
+    assert (convert(runs["gpt2"], tmp_path / "empty", to="hf") / "config.json").is_file()  # an export again
+    run = convert(runs["llama"], tmp_path / "run", to="llmkit")
+    assert (convert(runs["gpt2"], run, to="llmkit") / "config.yaml").read_text().count("arch: gpt2") == 1
+
+
+# --------------------------------------------------------------------------------------------- what a model is
+
+
+@pytest.fixture(scope="module")
+def not_decoders(tmp_path_factory, corpus_file, chat_tok) -> dict[str, Path]:
+    """A BERT encoder run folder and a fine-tuned classifier run folder (random weights)."""
+    from helpers_convert import make_classifier_run
+    from llmkit.data.wordpiece import train_wordpiece
+
+    root = tmp_path_factory.mktemp("notdec")
+    wp = train_wordpiece([corpus_file.read_text()[:50_000]], vocab_size=300)
+    return {"encoder": make_run_folder(root / "bert", "bert", wp),
+            "classifier": make_classifier_run(root / "clf", "llama", chat_tok)}
+
+
+@pytest.mark.parametrize("kind", ["encoder", "classifier"])
+def test_verbs_that_need_a_decoder_say_what_the_model_is(not_decoders, kind, tmp_path, capsys, monkeypatch):
+    import io
+
+    import llmkit
+
+    run = str(not_decoders[kind])
+    what = "BERT encoder" if kind == "encoder" else "text classifier (neg, pos)"
+    (tmp_path / "t.txt").write_text("some text to score")
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    for argv in (["generate", "--model", run, "--prompt", "hi"],
+                 ["eval", "--model", run, "--data", str(tmp_path / "t.txt")], ["chat", "--model", run]):
+        err = one_line_error(argv, capsys)
+        assert what in err and "needs a text generator" in err and run in err, (argv, err)
+    with pytest.raises(CheckpointError, match=what.replace("(", r"\(").replace(")", r"\)")):
+        llmkit.load(run)
+
+
+def test_converting_a_classifier_says_what_it_is(not_decoders, tmp_path, capsys):
+    run = str(not_decoders["classifier"])
+    for to in ("llmkit", "hf"):
+        err = one_line_error(["convert", "--in", run, "--out", str(tmp_path / to), "--to", to], capsys)
+        assert "text classifier (neg, pos)" in err and "llmkit classify" in err and not (tmp_path / to).exists()
+
+
+# --------------------------------------------------------------------------------------------- BERT
+
+
+@pytest.mark.slow
+def test_builtin_bert_converts_to_run_folder_and_hf_folder(tmp_path, capfd):
+    """all-MiniLM-L6-v2 (a bare BertModel: pooler, no pre-training heads) -> llmkit run folder -> HF folder, and
+    HF folder -> HF folder: transformers loads each export with nothing missing or extra and computes the same."""
+    from llmkit.interop.registry import builtin_source
+
+    src = builtin_source("all-minilm-l6-v2")
+    run = convert(src, tmp_path / "run", to="llmkit")
+    exports = [convert(run, tmp_path / "hf", to="hf"), convert(src, tmp_path / "hf2", to="hf")]
+    orig = transformers.BertModel.from_pretrained(src).eval()
+    orig_tok = transformers.AutoTokenizer.from_pretrained(src)
+    texts = ["Hello World! An unbelievably naïve café, 1234 tokens.", "short", "Zürich's [MASK] über-long-word"]
+    x = orig_tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = orig(**x)
+    for hf_dir in exports:
+        assert json.loads((hf_dir / "config.json").read_text())["architectures"] == ["BertModel"]
+        capfd.readouterr()
+        model, info = transformers.BertModel.from_pretrained(hf_dir, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+        printed = "".join(capfd.readouterr())
+        assert not any(w in printed for w in ("LOAD REPORT", "MISSING", "UNEXPECTED")), printed
+        with torch.no_grad():
+            got = model.eval()(**x)
+        assert (got.last_hidden_state - want.last_hidden_state).abs().max().item() <= 1e-5
+        assert (got.pooler_output - want.pooler_output).abs().max().item() <= 1e-5
+        tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+        assert tok(texts)["input_ids"] == orig_tok(texts)["input_ids"]
+        assert tok(texts[0], texts[1])["token_type_ids"] == orig_tok(texts[0], texts[1])["token_type_ids"]
+        assert (tok.cls_token, tok.sep_token, tok.mask_token, tok.pad_token) == ("[CLS]", "[SEP]", "[MASK]", "[PAD]")
+
+
+# --------------------------------------------------------------------------------------------- Llama family
+
+
+def _random_hf(cls, cfg, tmp: Path, tok) -> tuple[torch.nn.Module, Path]:
+    """A transformers model with every tensor random (biases and norms too, so a dropped one shows), saved."""
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2 if p.dim() == 1 else 0.15)
+    model.save_pretrained(tmp)
+    tok.save(tmp)
+    return model, tmp
+
+
+def _logits_diff(lm, hf: torch.nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (lm.model(x).logits[..., : hf.config.vocab_size] - hf(x).logits).abs().max().item()
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+def test_llama3_rope_scaling_matches_transformers_and_survives_conversion(tmp_path, chat_tok):
+    import llmkit
+
+    small = dict(vocab_size=chat_tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(**small, rope_parameters=LLAMA3_ROPE)
+    hf, src = _random_hf(transformers.LlamaForCausalLM, cfg, tmp_path / "hf", chat_tok)
+    x = torch.randint(0, cfg.vocab_size, (2, 120))  # positions up to 119, far beyond the original 32
+    lm = llmkit.load(src, device="cpu")
+    assert lm.model.cfg.rope_scaling == {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
+    assert _logits_diff(lm, hf, x) <= 1e-4
+    # the scaling matters: the same weights with plain rotary positions give other logits
+    plain = transformers.LlamaForCausalLM(transformers.LlamaConfig(**small)).eval()
+    plain.load_state_dict(hf.state_dict())
+    assert _logits_diff(lm, plain, x) > 1e-2
+    # kept by a run folder, written back to config.json
+    run = convert(src, tmp_path / "run", to="llmkit")
+    assert "rope_type: llama3" in (run / "config.yaml").read_text()
+    back = transformers.AutoModelForCausalLM.from_pretrained(convert(run, tmp_path / "back", to="hf")).eval()
+    assert back.config.rope_parameters["rope_type"] == "llama3"
+    assert _logits_diff(llmkit.load(run, device="cpu"), back, x) <= 1e-4
+
+
+def test_linear_rope_scaling_matches_transformers(tmp_path, chat_tok):
+    import llmkit
+
+    cfg = transformers.LlamaConfig(vocab_size=chat_tok.vocab_size, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
+                                   rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0})
+    hf, src = _random_hf(transformers.LlamaForCausalLM, cfg, tmp_path / "hf", chat_tok)
+    assert _logits_diff(llmkit.load(src, device="cpu"), hf, torch.randint(0, cfg.vocab_size, (1, 100))) <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_qwen2_and_mistral_match_transformers(kind, tmp_path, chat_tok):
+    """Qwen2: q/k/v biases, no o_proj bias. Mistral: a sliding window as long as the context is full attention."""
+    import llmkit
+
+    small = dict(vocab_size=chat_tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+    if kind == "qwen2":
+        cls, cfg = transformers.Qwen2ForCausalLM, transformers.Qwen2Config(**small)
+    else:
+        cls, cfg = transformers.MistralForCausalLM, transformers.MistralConfig(**small, sliding_window=128)
+    hf, src = _random_hf(cls, cfg, tmp_path / "hf", chat_tok)
+    if kind == "qwen2":
+        attn = hf.model.layers[0].self_attn
+        assert attn.q_proj.bias.abs().sum() > 0 and attn.o_proj.bias is None
+    assert _logits_diff(llmkit.load(src, device="cpu"), hf, torch.randint(0, cfg.vocab_size, (2, 100))) <= 1e-4
+
+
+def test_unsupported_rope_and_short_sliding_windows_are_named(runs, tmp_path, capsys):
+    hf_dir = export(runs["llama"], tmp_path / "hf")
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    argv = ["convert", "--in", str(hf_dir), "--out", str(tmp_path / "x"), "--to", "llmkit"]
+    (hf_dir / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+    assert "rope_type 'yarn' is not supported" in one_line_error(argv, capsys)
+    (hf_dir / "config.json").write_text(json.dumps({**cfg, "model_type": "mistral", "sliding_window": 16}))
+    err = one_line_error(argv, capsys)
+    assert "mistral sliding_window=16" in err and "max_position_embeddings=64" in err
+
+
+def test_hf_tokenizer_asks_for_bos_by_config_or_post_processor(runs, tmp_path, chat_tok):
+    """add_bos_token in tokenizer_config.json wins; without it, a tokenizer.json post-processor that puts BOS first
+    (Llama 3's TemplateProcessing) means the model wants BOS."""
+    from tokenizers import processors
+
+    hf_dir = export(runs["llama"], tmp_path / "hf")
+    assert not read_hf_folder(hf_dir).tokenizer.add_bos
+    tc = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({**tc, "add_bos_token": True}))
+    assert read_hf_folder(hf_dir).tokenizer.add_bos
+    del tc["add_bos_token"]
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps(tc))
+    tk = chat_tok.tk
+    bos = chat_tok.bos_token
+    tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, chat_tok.bos_id)])
+    try:
+        (hf_dir / "tokenizer.json").write_text(tk.to_str())
+    finally:
+        tk.post_processor = None
+    assert read_hf_folder(hf_dir).tokenizer.add_bos
+
+
+def test_convert_of_a_run_folder_with_missing_weights_is_one_line(runs, tmp_path, capsys):
+    """Found by bench/fuzz.py: a run folder whose weights lack most tensors crashed `convert --to hf`
+    (StopIteration in write_hf_folder). Its weights are now checked against its config first."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    run = Path(shutil.copytree(runs["gpt2"], tmp_path / "run"))
+    weights = load_file(str(run / "model.safetensors"))
+    save_file({"embed.weight": weights["embed.weight"]}, str(run / "model.safetensors"))
+    for to in ("hf", "llmkit"):
+        err = one_line_error(["convert", "--in", str(run), "--out", str(tmp_path / f"out-{to}"), "--to", to], capsys)
+        assert "model.safetensors" in err and "missing tensor" in err
+        assert not (tmp_path / f"out-{to}").exists()

@@ -1,8 +1,9 @@
 """The one way llmkit writes files: to a temporary sibling, flushed to disk, then renamed into place.
 
 A reader (or a process killed with SIGKILL half-way) therefore sees the old file or the new one, never half of
-one. Folders are written the same way (`atomic_dir`). Reading JSON goes through `read_json` so a corrupt file
-is a one-line error naming it, never a traceback.
+one. Folders are written the same way (`atomic_dir`). Every temporary name is `.<name>.<random>.tmp`, so what a
+kill leaves behind is recognisable and `remove_leftovers` clears it at the next start. Reading JSON goes through
+`read_json` so a corrupt file is a one-line error naming it, never a traceback.
 """
 
 from __future__ import annotations
@@ -67,16 +68,16 @@ def atomic_dir(dst: str | Path) -> Iterator[Path]:
     half-written folder (and a failure leaves the old one in place)."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}."))
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the finished folder gets normal permissions
     try:
         yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                fsync_path(f)
+        for f in sorted(tmp.rglob("*"), reverse=True):  # files before the folders that list them
+            fsync_path(f)
+        fsync_path(tmp)
         old = None
         if dst.exists():
-            old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.old."))
+            old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.old.", suffix=".tmp"))
             os.replace(dst, old / "x")
         os.replace(tmp, dst)
         fsync_path(dst.parent)
@@ -85,6 +86,23 @@ def atomic_dir(dst: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_leftovers(folder: str | Path, also: str = "") -> list[Path]:
+    """Delete the temporary files and folders that a killed writer left in `folder` (not below it); returns them.
+
+    Only llmkit's own temporary names match (`.*.tmp`, plus the glob `also`), so a user's files are never touched.
+    Call it only when no other process writes to `folder`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = sorted({*folder.glob(".*.tmp"), *(folder.glob(also) if also else ())})
+    for p in found:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return found
 
 
 def read_json(path: str | Path, error: type[Exception] = CheckpointError) -> dict[str, Any]:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from llmkit.cli.common import int_at_least
+
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
-    from llmkit.data.shards import iter_documents
+    from llmkit.data.shards import iter_texts
     from llmkit.data.tokenizer import Tokenizer
 
     if args.kind == "gpt2":
@@ -14,9 +16,9 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     elif args.kind == "wordpiece":
         from llmkit.data.wordpiece import train_wordpiece
 
-        tok = train_wordpiece((text for _, text in iter_documents(args.corpus, args.text_field)), args.vocab_size)
+        tok = train_wordpiece(iter_texts(args.corpus, args.text_field), args.vocab_size)
     else:
-        texts = (text for _, text in iter_documents(args.corpus, args.text_field))
+        texts = iter_texts(args.corpus, args.text_field)
         tok = Tokenizer.train_char(texts) if args.kind == "char" else Tokenizer.train_bpe(texts, args.vocab_size)
     out = tok.save(args.out)
     print(f"{args.kind} tokenizer with {tok.vocab_size:,} tokens written to {out}")
@@ -42,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--kind", choices=["bpe", "char", "gpt2", "wordpiece"], default="bpe",
                    help="bpe: byte-level BPE; char: one token per character; gpt2: the real GPT-2 vocabulary; "
                         "wordpiece: BERT's (lowercased, [CLS]/[SEP]/[MASK]) for encoders")
-    t.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size, special tokens included")
+    t.add_argument("--vocab-size", type=int_at_least(1), default=4096,
+                   help="BPE vocabulary size, special tokens included")
     t.add_argument("--text-field", default="text", help="JSONL field holding the text")
     t.add_argument("--out", required=True, help="folder to write")
     t.set_defaults(fn=cmd_tokenizer_train)

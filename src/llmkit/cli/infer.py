@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from llmkit.cli.common import MODEL_HELP, add_device_args
+from llmkit.cli.common import MODEL_HELP, add_device_args, int_at_least
 from llmkit.config import add_dataclass_args, dataclass_from_args
 from llmkit.infer.generate import SamplingConfig
 
@@ -40,9 +40,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if stream:
         print()
     for r, prompt in zip(results, args.prompt or [""]):
+        if r.context_full:  # say why it stopped short of --max-new-tokens
+            print(f"warning: the model's context ({llm.model.cfg.block_size} tokens) ended the generation after "
+                  f"{len(r.token_ids)} of --max-new-tokens {cfg.max_new_tokens}", file=sys.stderr)
         if args.json:
-            print(json.dumps({"prompt": prompt, "text": r.text, "tokens": len(r.token_ids),
-                              "finish_reason": r.finish_reason, "tokens_per_s": round(n_tokens / dt, 2)}))
+            print(json.dumps({"prompt": prompt, "text": r.text, "tokens": len(r.token_ids), "token_ids": r.token_ids,
+                              "finish_reason": r.finish_reason, "context_full": r.context_full,
+                              "tokens_per_s": round(n_tokens / dt, 2)}))
         elif not stream:
             print(r.text.strip() if args.chat else r.prompt + r.text)
             if len(results) > 1:
@@ -89,7 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--model", required=True, help=MODEL_HELP)
     e.add_argument("--data", required=True, help="prepared data folder or a UTF-8 text file")
     e.add_argument("--split", default="val", help="split of a data folder")
-    e.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    e.add_argument("--batch-size", type=int_at_least(1), default=8, help="windows per forward pass")
     add_device_args(e)
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--quiet", action="store_true", help="no progress bar")

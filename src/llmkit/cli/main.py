@@ -1,12 +1,17 @@
 """`llmkit <verb>`: one entry point; each group of verbs registers its parser from its own module.
 
 Any `LLMKitError` (bad value, missing file, empty corpus, unknown key) is printed as one `error: ...` line with
-exit status 2: users see what to fix, never a traceback.
+exit status 2: users see what to fix, never a traceback. So is an `OSError` from the file system (a folder that
+is not writable, a full disk, a file where a folder should be), with the path it was about: those are the
+user's to fix too, and they can come from any verb that writes. Nothing broader is caught here: any other
+exception is a bug, and its traceback is what a bug report needs.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 
 from llmkit.cli import data, infer, models, tasks, train
@@ -25,6 +30,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def os_error_line(e: OSError) -> str:
+    """`cannot write runs/x/config.yaml: Permission denied`: what failed, on which path, and why, on one line."""
+    path = e.filename
+    why = e.strerror or str(e)
+    if path is None:
+        return why
+    if e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG, errno.EEXIST):
+        verb = "write"
+    elif e.errno in (errno.EACCES, errno.EPERM):
+        verb = "read" if os.path.exists(path) and not os.access(path, os.R_OK) else "write"
+    else:
+        verb = "use"
+    target = f" -> {e.filename2}" if e.filename2 else ""
+    return f"cannot {verb} {path}{target}: {why}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -37,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
             args.fn(args)
     except LLMKitError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

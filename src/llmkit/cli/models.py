@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "safetensors), a .gguf file or a built-in name becomes an llmkit run folder. --to hf: an "
                         "llmkit run folder (or any of those) becomes an HF folder that transformers loads.")
     cv.add_argument("--in", dest="inp", required=True, help="source: " + MODEL_HELP)
-    cv.add_argument("--out", required=True, help="folder to write (replaced atomically if it exists)")
+    cv.add_argument("--out", required=True, help="folder to write: new, empty, or a model folder llmkit wrote "
+                    "(replaced atomically); a folder holding anything else is refused")
     cv.add_argument("--to", required=True, choices=["llmkit", "hf"], help="target format")
     cv.add_argument("--dtype", help="store weights as float32 or bfloat16 (default: as the source has them)")
     cv.set_defaults(fn=cmd_convert)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from llmkit.cli.common import MODEL_HELP
+from llmkit.cli.common import MODEL_HELP, int_at_least
 from llmkit.errors import LLMKitError
 
 
@@ -69,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     cl.add_argument("--text", action="append", help="a text to classify (repeatable)")
     cl.add_argument("--file", help="texts: one per line, or the text column of a .csv/.tsv/.jsonl file")
     cl.add_argument("--text-field", default="text", help="column/key holding the text in --file")
-    cl.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
+    cl.add_argument("--batch-size", type=int_at_least(1), default=64, help="texts per forward pass")
     cl.add_argument("--json", action="store_true", help="one JSON object per text (label, probability, ...)")
     cl.set_defaults(fn=cmd_classify)
 
@@ -80,8 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     em.add_argument("--file", help="texts: one per line, or the text column of a .csv/.tsv/.jsonl file")
     em.add_argument("--text-field", default="text", help="column/key holding the text in --file")
     em.add_argument("--out", help="write an (N, dim) float32 .npy instead of JSON lines")
-    em.add_argument("--max-length", type=int, default=256, help="longest text in tokens (the rest is cut)")
-    em.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
+    em.add_argument("--max-length", type=int_at_least(4), default=256, help="longest text in tokens (the rest is cut)")
+    em.add_argument("--batch-size", type=int_at_least(1), default=64, help="texts per forward pass")
     em.set_defaults(fn=cmd_embed)
 
     se = sub.add_parser("search", help="semantic search: the corpus passages closest to a query",
@@ -90,8 +90,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     se.add_argument("--model", default="all-minilm-l6-v2", help=MODEL_HELP)
     se.add_argument("--corpus", required=True, help="passages: one per line, or a .csv/.tsv/.jsonl file")
     se.add_argument("--query", action="append", required=True, help="query text (repeatable)")
-    se.add_argument("--top-k", type=int, default=5, help="passages to show per query")
+    se.add_argument("--top-k", type=int_at_least(1), default=5, help="passages to show per query")
     se.add_argument("--text-field", default="text", help="column/key holding the text in --corpus")
-    se.add_argument("--max-length", type=int, default=256, help="longest text in tokens (the rest is cut)")
+    se.add_argument("--max-length", type=int_at_least(4), default=256, help="longest text in tokens (the rest is cut)")
     se.add_argument("--json", action="store_true", help="one JSON object per query")
     se.set_defaults(fn=cmd_search)

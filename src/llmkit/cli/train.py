@@ -7,9 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llmkit.cli.common import MODEL_HELP
+from llmkit.cli.common import MODEL_HELP, int_at_least
 from llmkit.config import FinetuneRunConfig, help_text
 from llmkit.errors import LLMKitError
+
+OVERWRITE_HELP = ("start again in a folder that holds an earlier run: removes what that run wrote (checkpoints/, "
+                  "metrics.jsonl, model.safetensors, loss.png, tensorboard/, eval.json, ...); other files stay")
 
 
 def cmd_pretrain(args: argparse.Namespace, extra: list[str]) -> None:
@@ -28,7 +31,7 @@ def cmd_pretrain(args: argparse.Namespace, extra: list[str]) -> None:
     if config_file is None:
         raise LLMKitError("pretrain needs --config FILE (see configs/ for recipes)")
     cfg = load_run_config(config_file, overrides)
-    result = pretrain(cfg, out, resume=args.resume, quiet=args.quiet)
+    result = pretrain(cfg, out, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
     import torch.distributed as dist
 
     if dist.is_initialized():  # under torchrun: leave the group cleanly, let rank 0 speak
@@ -55,7 +58,7 @@ def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> None:
     out = Path(args.out)
     config_file = out / "config.yaml" if args.resume and args.config is None else args.config
     cfg = finetune_config(config_file, overrides)
-    report = finetune(cfg, out, resume=args.resume, quiet=args.quiet)
+    report = finetune(cfg, out, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(report))
         return
@@ -76,8 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     pt.add_argument("--config", help="YAML recipe (e.g. configs/demo.yaml)")
     pt.add_argument("--data", help="token shard folder (overrides data.path)")
     pt.add_argument("--out", default="runs/latest", help="run folder")
-    pt.add_argument("--max-steps", type=int, help="overrides train.max_steps")
+    pt.add_argument("--max-steps", type=int_at_least(1), help="overrides train.max_steps")
     pt.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    pt.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     pt.add_argument("--json", action="store_true", help="print the final summary as JSON")
     pt.add_argument("--quiet", action="store_true", help="no progress bar")
     pt.set_defaults(fn=cmd_pretrain, takes_extra=True)
@@ -96,8 +100,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) + the head instead of all weights")
     ft.add_argument("--config", help="YAML recipe (e.g. configs/classify-minilm.yaml)")
     ft.add_argument("--epochs", type=float, help="passes over the training split (overrides finetune.epochs)")
-    ft.add_argument("--max-steps", type=int, help="optimiser steps (overrides the epoch count)")
+    ft.add_argument("--max-steps", type=int_at_least(1), help="optimiser steps (overrides the epoch count)")
     ft.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    ft.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     ft.add_argument("--json", action="store_true", help="print the test report as JSON")
     ft.add_argument("--quiet", action="store_true", help="no progress bar")
     ft.set_defaults(fn=cmd_finetune, takes_extra=True)

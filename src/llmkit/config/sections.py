@@ -7,10 +7,26 @@ key for key, the CLI overrides any key as `--section.key VALUE`, and every run f
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from llmkit.errors import ConfigError
+
+
+def _require(ok: bool, key: str, value: Any, valid: str) -> None:
+    """Raise `key: must be <valid>, got <value>` unless `ok`. Write `ok` as the valid condition (`x > 0`, not
+    `not x <= 0`): NaN fails every comparison, so it is rejected too."""
+    if not ok:
+        raise ConfigError(f"{key}: must be {valid}, got {value!r}")
+
+
+# Upper bounds on model sizes: far above any real checkpoint's, low enough that a typo (an extra 0 or three) is
+# an error instead of an attempt to allocate terabytes.
+MODEL_LIMITS: dict[str, int] = {"vocab_size": 1 << 24, "block_size": 1 << 22, "n_layer": 1024, "n_head": 1024,
+                                "n_kv_head": 1024, "n_embd": 1 << 17, "intermediate_size": 1 << 19,
+                                "pad_vocab_multiple": 4096, "type_vocab_size": 1024}
 
 
 @dataclass
@@ -48,6 +64,10 @@ class ModelConfig:
     """Dropout on embeddings, attention weights and residual branches while training."""
     type_vocab_size: int = 2
     """Token-type (segment) embeddings, BERT's sentence A / sentence B (bert only)."""
+    rope_scaling: dict | None = None
+    """Rotary frequency scaling of a long-context checkpoint, as in HF's config (llama only): {rope_type: llama3,
+    factor, low_freq_factor, high_freq_factor, original_max_position_embeddings} or {rope_type: linear, factor};
+    empty means none."""
 
     def __post_init__(self) -> None:
         if self.arch not in ("gpt2", "llama", "bert"):
@@ -59,16 +79,22 @@ class ModelConfig:
                 self.intermediate_size = 4 * self.n_embd
             else:
                 self.intermediate_size = 256 * ((int(8 * self.n_embd / 3) + 255) // 256)
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pad_vocab_multiple",
-                     "type_vocab_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"model.{name}: must be a positive integer, got {getattr(self, name)}")
+        for name, limit in MODEL_LIMITS.items():
+            _require(1 <= getattr(self, name) <= limit, f"model.{name}", getattr(self, name),
+                     f"a positive integer (at most {limit:,})")
         if self.n_embd % self.n_head:
             raise ConfigError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
             raise ConfigError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout: must be in [0, 1), got {self.dropout}")
+        if self.arch == "llama" and self.head_dim % 2:
+            raise ConfigError(f"model.n_embd / model.n_head = {self.head_dim}: rotary positions (llama) need an "
+                              "even head dimension")
+        _require(0 < self.norm_eps < 1, "model.norm_eps", self.norm_eps, "a small positive number (e.g. 1e-5)")
+        _require(0 < self.rope_theta < math.inf, "model.rope_theta", self.rope_theta, "a positive number")
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling)
 
     @property
     def head_dim(self) -> int:
@@ -78,6 +104,22 @@ class ModelConfig:
     def padded_vocab_size(self) -> int:
         m = self.pad_vocab_multiple
         return (self.vocab_size + m - 1) // m * m
+
+
+ROPE_SCALING_KEYS = {"linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def _check_rope_scaling(rs: Any) -> None:
+    """model.rope_scaling names a scaling `model/layers.Rotary` implements, with every number it needs."""
+    kind = rs.get("rope_type") if isinstance(rs, dict) else None
+    if kind not in ROPE_SCALING_KEYS:
+        raise ConfigError(f"model.rope_scaling: rope_type {kind!r} is not supported (valid: "
+                          f"{', '.join(ROPE_SCALING_KEYS)})")
+    for key in ROPE_SCALING_KEYS[kind]:
+        if not isinstance(rs.get(key), (int, float)) or isinstance(rs.get(key), bool) or rs[key] <= 0:
+            raise ConfigError(f"model.rope_scaling: rope_type {kind} needs a positive number {key}, got "
+                              f"{rs.get(key)!r}")
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -110,6 +152,22 @@ class DataConfig:
     seed: int = 1337
     """Seed of the batch order; the same seed gives the same batches in the same order."""
 
+    def __post_init__(self) -> None:
+        _require(1 <= self.batch_size <= 1 << 20, "data.batch_size", self.batch_size,
+                 "a positive integer (at most 1,048,576)")
+        _require(bool(str(self.path).strip()), "data.path", self.path, "a folder, file or built-in name")
+
+
+# The validation figures each objective produces (train/objectives.py; causal_lm's perplexity and bits per byte
+# come from train/pretrain.py): what train.select_metric may name, checked when the config is built.
+OBJECTIVE_METRICS: dict[str, tuple[str, ...]] = {
+    "causal_lm": ("val_loss", "val_perplexity", "val_bits_per_byte"),
+    "mlm": ("val_loss", "val_masked_accuracy"),
+    "mlm+nsp": ("val_loss", "val_masked_accuracy", "val_mlm_loss", "val_nsp_loss", "val_nsp_accuracy"),
+    "classify": ("val_loss", "val_accuracy"),
+}
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
 
 @dataclass
 class TrainConfig:
@@ -121,8 +179,9 @@ class TrainConfig:
     max_steps: int = 2000
     """Optimiser steps to run; also the length of the cosine schedule."""
     max_minutes: float = 0.0
-    """Stop after this much training time (0 = no limit); the cosine schedule then decays by time or steps,
-    whichever runs out first, and the final evaluation and checkpoint still run."""
+    """Training time budget (0 = none): after the first few steps rank 0 times a step, an evaluation and a
+    checkpoint and fixes how many steps fit (at most max_steps); the cosine schedule, the progress bar and the end
+    follow that plan, which checkpoints keep, and the final evaluation and checkpoint still fit."""
     lr: float = 1e-3
     """Peak learning rate, reached after warmup."""
     min_lr_ratio: float = 0.1
@@ -140,7 +199,10 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches accumulated per optimiser step."""
     dtype: str = "auto"
-    """Compute precision: `float32`, `bfloat16` (autocast) or `auto` (bf16 where the hardware does it fast)."""
+    """Compute precision: `float32`, `bfloat16` (autocast), `float16` (autocast + loss scaling) or `auto` (bf16
+    where the hardware does it fast)."""
+    tf32: bool = False
+    """On CUDA, run float32 matmuls as TF32 (faster, 10-bit mantissa) for this run only; off = true fp32."""
     device: str = "auto"
     """`cpu`, `cuda` or `auto` (cuda when available)."""
     compile: bool = False
@@ -158,10 +220,43 @@ class TrainConfig:
     """Write a resumable checkpoint every this many steps (0 = at evaluations and at the end)."""
     log_interval: int = 10
     """Write a line to metrics.jsonl every this many steps."""
+    report_to: list[str] = field(default_factory=lambda: ["none"])
+    """Where the logged figures also go, besides metrics.jsonl: `none` or `tensorboard` (event files in
+    <run>/tensorboard/; needs `pip install 'llmkit[tensorboard]'`)."""
     seed: int = 1337
     """Seed for weight initialisation and dropout."""
     threads: int = 0
     """CPU threads for PyTorch (0 = leave PyTorch's default)."""
+    strategy: str = "auto"
+    """Several processes (torchrun): `ddp` (a whole model per process), `fsdp` (each process holds 1/N of the
+    weights, gradients and optimizer state: models larger than one device) or `auto` (ddp)."""
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVE_METRICS:
+            raise ConfigError(f"train.objective: unknown objective {self.objective!r} "
+                              f"(valid: {', '.join(OBJECTIVE_METRICS)})")
+        measured = OBJECTIVE_METRICS[self.objective]
+        if self.select_metric not in measured:
+            raise ConfigError(f"train.select_metric: {self.select_metric!r} is not measured by objective "
+                              f"{self.objective} (valid: {', '.join(measured)})")
+        for name in ("max_steps", "grad_accum", "eval_iters", "log_interval"):
+            _require(1 <= getattr(self, name) < 1 << 62, f"train.{name}", getattr(self, name), "a positive integer")
+        for name in ("warmup_steps", "eval_interval", "early_stop_patience", "save_interval", "threads"):
+            _require(0 <= getattr(self, name) < 1 << 62, f"train.{name}", getattr(self, name),
+                     "a non-negative integer")
+        _require(0 <= self.lr < math.inf, "train.lr", self.lr, "a finite number >= 0 (0 freezes the weights)")
+        _require(0 <= self.max_minutes < math.inf, "train.max_minutes", self.max_minutes, "0 (no limit) or more")
+        _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+        _require(0 <= self.weight_decay < math.inf, "train.weight_decay", self.weight_decay, "0 or more")
+        _require(0 <= self.beta1 < 1, "train.beta1", self.beta1, "in [0, 1)")
+        _require(0 <= self.beta2 < 1, "train.beta2", self.beta2, "in [0, 1)")
+        _require(0 <= self.grad_clip < math.inf, "train.grad_clip", self.grad_clip, "0 (off) or more")
+        _require(self.dtype in DTYPES, "train.dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "train.device", self.device,
+                 "auto, cpu, cuda or cuda:N")
+        _require(self.strategy in ("auto", "ddp", "fsdp"), "train.strategy", self.strategy, "auto, ddp or fsdp")
+        _require(set(self.report_to) <= {"none", "tensorboard"}, "train.report_to", self.report_to,
+                 "none or tensorboard")
 
 
 @dataclass
@@ -205,10 +300,16 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.task: unknown task {self.task!r} (valid: classify)")
         if self.pooling not in ("auto", "cls", "mean", "last"):
             raise ConfigError(f"finetune.pooling: {self.pooling!r} is not one of auto, cls, mean, last")
-        if self.max_length < 4:
-            raise ConfigError(f"finetune.max_length: must be at least 4, got {self.max_length}")
-        if self.lora_r < 1:
-            raise ConfigError(f"finetune.lora_r: must be a positive integer, got {self.lora_r}")
+        _require(4 <= self.max_length <= 1 << 22, "finetune.max_length", self.max_length, "an integer of 4 or more")
+        _require(1 <= self.lora_r <= 1 << 16, "finetune.lora_r", self.lora_r, "a positive integer")
+        _require(0 <= self.epochs < 1e6, "finetune.epochs", self.epochs, "0 (use train.max_steps) or more")
+        for name in ("max_train_examples", "max_val_examples"):
+            _require(0 <= getattr(self, name) < 1 << 62, f"finetune.{name}", getattr(self, name), "0 (all) or more")
+        _require(0 < self.lora_alpha < math.inf, "finetune.lora_alpha", self.lora_alpha, "a positive number")
+        _require(0 <= self.lora_dropout < 1, "finetune.lora_dropout", self.lora_dropout, "in [0, 1)")
+        for name in ("text_field", "label_field"):
+            _require(bool(getattr(self, name)), f"finetune.{name}", getattr(self, name), "a column or key name")
+        _require(len(set(self.labels)) == len(self.labels), "finetune.labels", self.labels, "distinct names")
 
 
 @dataclass

@@ -65,6 +65,10 @@ class TokenBatches(ShuffledOrder):
             raise DataError(f"{data_dir}/{split}.bin has {len(self.data)} tokens, fewer than one window of "
                             f"{block_size + 1}; lower model.block_size or add text")
         super().__init__(seed)
+        if batch_size * world > self.windows_per_epoch:  # a batch would repeat windows (or never fill: a typo)
+            raise DataError(f"{data_dir}/{split}.bin has {self.windows_per_epoch} windows of {block_size + 1} tokens, "
+                            f"fewer than one batch of {batch_size * world}; lower data.batch_size or "
+                            "model.block_size, or add text")
 
     def _permutation(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, epoch])

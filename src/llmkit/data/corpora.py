@@ -6,6 +6,7 @@ import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
+from llmkit.data.readers import read_text_pieces
 from llmkit.errors import DataError
 
 # name -> (package, install hint, description)
@@ -25,7 +26,14 @@ def package_dir(package: str, install_hint: str) -> Path:
 
 
 def corpus_documents(name: str) -> Iterator[tuple[str, str]]:
-    """Yield (document id, text) for a built-in corpus, in a fixed order."""
+    """Yield (document id, text) for a built-in corpus, in a fixed order (whole texts: for small uses)."""
+    for doc, pieces in corpus_texts(name):
+        yield doc, "".join(pieces)
+
+
+def corpus_texts(name: str) -> Iterator[tuple[str, Iterator[str]]]:
+    """Yield (document id, its text in pieces) for a built-in corpus, in a fixed order; files are streamed
+    (`read_text_pieces`), so `llmkit prepare` never holds a whole file."""
     if name not in CORPORA:
         raise DataError(f"unknown built-in corpus {name!r} (valid: {', '.join(CORPORA)})")
     package, hint, _ = CORPORA[name]
@@ -35,12 +43,12 @@ def corpus_documents(name: str) -> Iterator[tuple[str, str]]:
         if not files:
             raise DataError(f"no Shakespeare texts under {root / 'texts'} (reinstall: {hint})")
         for f in files:
-            yield f.stem, f.read_text(encoding="utf-8", errors="replace")
+            yield f.stem, read_text_pieces(f, errors="replace")
     elif name == "python-docs":
         import pydoc_data.topics as topics
 
         for key in sorted(topics.topics):
-            yield key, topics.topics[key]
+            yield key, iter([topics.topics[key]])
 
 
 def gpt2_vocab_files() -> tuple[Path, Path]:

@@ -13,7 +13,6 @@ in training are an error (set `finetune.labels` to keep such classes anyway).
 
 from __future__ import annotations
 
-import csv
 import io
 import os
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmkit.data.readers import read_jsonl
+from llmkit.data.readers import read_csv, read_jsonl
 from llmkit.errors import DataError
 
 VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
@@ -96,20 +95,18 @@ def read_labelled(path: str | Path, text_field: str = "text", label_field: str =
                                     f"with --finetune.{what}_field)")
             rows.append((n, rec[text_field], rec[label_field]))
     elif p.suffix in (".csv", ".tsv"):
-        with p.open(encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if p.suffix == ".tsv" else ",")
-            columns = reader.fieldnames or []
-            for key, what in ((text_field, "text"), (label_field, "label")):
-                if key not in columns:
-                    raise DataError(f"{p}: no {key!r} column for the {what} (columns: {', '.join(columns) or 'none'}"
-                                    f"; choose with --finetune.{what}_field)")
-            rows = [(n, r[text_field], r[label_field]) for n, r in enumerate(reader, 2)]
+        required = ((text_field, "--finetune.text_field"), (label_field, "--finetune.label_field"))
+        rows = [(n, r[text_field], r[label_field]) for n, r in read_csv(p, required)]
     else:
         raise DataError(f"{p}: unknown dataset format {p.suffix!r} (valid: .csv, .tsv, .jsonl)")
     texts, labels, empty = [], [], 0
     for n, text, label in rows:
         if label is None or str(label).strip() == "":
             raise DataError(f"{p}:{n}: empty label")
+        if isinstance(label, (dict, list)):
+            raise DataError(f"{p}:{n}: the label must be a string or a number, got {type(label).__name__}")
+        if text is not None and not isinstance(text, str):
+            raise DataError(f"{p}:{n}: the text must be a string, got {type(text).__name__}")
         if text is None or not str(text).strip():
             empty += 1
             continue

@@ -16,28 +16,33 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from llmkit.data.corpora import CORPORA, corpus_documents
-from llmkit.data.readers import read_jsonl
+from llmkit.data.corpora import CORPORA, corpus_texts
+from llmkit.data.readers import read_jsonl, read_text_pieces
 from llmkit.data.tokenizer import Tokenizer
 from llmkit.errors import DataError
-from llmkit.files import atomic_write_text
+from llmkit.files import atomic_write_text, read_json
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst"}
 CHUNK_BYTES = 32 * 1024
+MAX_CHUNK = 32 * CHUNK_BYTES  # a line longer than this (1 M characters) is cut
+FLUSH_CHARS = 1 << 19  # tokenize pending chunks once they hold this much text
+_LONG_WORD = re.compile(r"\S{1000}")
 
 
-def iter_documents(source: str, text_field: str = "text") -> Iterator[tuple[str, str]]:
-    """(document id, text) from a built-in corpus name, a text file, a folder of text files, or JSONL."""
+def documents(source: str, text_field: str = "text") -> Iterator[tuple[str, Iterator[str]]]:
+    """(document id, its text in pieces) from a built-in corpus name, a text file, a folder of text files, or
+    JSONL. Text files are streamed (`read_text_pieces`): consume each document's pieces before the next."""
     if source in CORPORA and not Path(source).exists():
-        yield from corpus_documents(source)
+        yield from corpus_texts(source)
         return
     p = Path(source)
     if p.is_dir():
@@ -45,18 +50,26 @@ def iter_documents(source: str, text_field: str = "text") -> Iterator[tuple[str,
         if not files:
             raise DataError(f"{p}: no .txt/.md/.jsonl files in this folder")
         for f in files:
-            yield from iter_documents(str(f), text_field)
+            yield from documents(str(f), text_field)
     elif p.is_file():
         if p.suffix == ".jsonl":
-            yield from _jsonl_documents(p, text_field)
+            yield from ((doc, iter([text])) for doc, text in _jsonl_documents(p, text_field))
         else:
-            try:
-                yield str(p), p.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{p}: not UTF-8 text (byte {e.start}); convert it first") from None
+            yield str(p), read_text_pieces(p)
     else:
         raise DataError(f"corpus not found: {source!r} is neither a file, a folder nor a built-in corpus "
                         f"({', '.join(CORPORA)})")
+
+
+def iter_texts(source: str, text_field: str = "text") -> Iterator[str]:
+    """Every document's text, in pieces of at most ~1 MB cut at line breaks: what tokenizer training reads.
+
+    A "word" (run of non-space characters) longer than LONG_WORD is cut with line breaks: BPE training time grows
+    with the square of a word's length (a 1 MB line without spaces would take hours), and no real word is that
+    long (sentencepiece skips such sentences for the same reason)."""
+    for _, pieces in documents(source, text_field):
+        for piece in pieces:
+            yield _LONG_WORD.sub(lambda m: m.group(0) + "\n", piece)
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
@@ -68,14 +81,42 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
         yield f"{path}:{n}", record[text_field]
 
 
-def _chunks(text: str, size: int = CHUNK_BYTES) -> Iterator[str]:
-    """Cut a document at line breaks into pieces of about `size` characters."""
-    start = 0
-    while start < len(text):
-        end = text.find("\n", start + size)
-        end = len(text) if end < 0 else end + 1
-        yield text[start:end]
-        start = end
+def _chunks(pieces: Iterable[str], size: int = CHUNK_BYTES, cap: int = MAX_CHUNK) -> Iterator[str]:
+    """Cut a document, given in pieces, into chunks of about `size` characters ending at a line break (a line
+    longer than `cap` is cut at `cap`). The chunks depend only on the text, never on where the pieces end, so
+    streaming gives the same shards as reading the document whole."""
+    buf, start = "", 0
+    for piece in pieces:
+        buf, start = buf[start:] + piece, 0
+        while True:
+            end = buf.find("\n", start + size, start + cap)
+            if end < 0:
+                if len(buf) - start < cap:
+                    break
+                end = start + cap - 1
+            yield buf[start:end + 1]
+            start = end + 1
+    if start < len(buf):
+        yield buf[start:]
+
+
+def _document_chunks(pieces: Iterable[str]) -> Iterator[tuple[str, bool]]:
+    """(chunk, ends the document) for one document; nothing for a blank one (only leading blank chunks wait)."""
+    chunks = _chunks(pieces)
+    held: list[str] = []
+    for chunk in chunks:
+        held.append(chunk)
+        if chunk.strip():
+            break
+    else:
+        return
+    prev = held.pop()
+    for blank in held:
+        yield blank, False
+    for chunk in chunks:
+        yield prev, False
+        prev = chunk
+    yield prev, True
 
 
 class _ShardWriter:
@@ -113,7 +154,7 @@ def prepare(source: str, tokenizer_dir: str | Path, out_dir: str | Path, val_fra
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 65536 else np.uint32)
     writers = {s: _ShardWriter(out / f"{s}.bin", dtype) for s in ("train", "val")}
     val_every = max(2, round(1 / val_fraction))
-    n_chunks = n_docs = 0
+    n_chunks = n_docs = pending_chars = 0
     pending: list[tuple[str, str, bool]] = []  # (split, text, ends a document)
 
     def flush() -> None:
@@ -123,21 +164,18 @@ def prepare(source: str, tokenizer_dir: str | Path, out_dir: str | Path, val_fra
         pending.clear()
 
     try:
-        docs = iter_documents(source, text_field)
+        docs = documents(source, text_field)
         first = next(docs, None)  # a missing corpus fails here, before a progress bar is drawn
         with tqdm(desc=f"tokenizing {source}", unit="B", unit_scale=True, disable=quiet) as bar:
-            for _, text in itertools.chain([first] if first else [], docs):
-                if not text.strip():
-                    continue
-                n_docs += 1
-                pieces = list(_chunks(text))
-                for i, piece in enumerate(pieces):
+            for _, pieces in itertools.chain([first] if first else [], docs):
+                for chunk, last in _document_chunks(pieces):
                     split = "val" if n_chunks % val_every == val_every - 1 else "train"
-                    pending.append((split, piece, i == len(pieces) - 1))
-                    n_chunks += 1
-                    bar.update(len(piece))
-                if len(pending) >= 256:
-                    flush()
+                    pending.append((split, chunk, last))
+                    n_chunks, n_docs, pending_chars = n_chunks + 1, n_docs + last, pending_chars + len(chunk)
+                    bar.update(len(chunk))
+                    if pending_chars >= FLUSH_CHARS or len(pending) >= 256:  # memory stays flat
+                        flush()
+                        pending_chars = 0
             flush()
         if n_docs == 0:
             raise DataError(f"corpus {source!r} is empty: no non-blank text found")
@@ -176,14 +214,29 @@ def _move_tail(train: _ShardWriter, val: _ShardWriter, fraction: float) -> None:
 
 
 def load_meta(data_dir: str | Path) -> dict[str, Any]:
+    """meta.json of a token shard folder, checked: a corrupt or hand-edited one is a one-line error naming it."""
     p = Path(data_dir) / "meta.json"
     if not p.is_file():
         raise DataError(f"{data_dir}: no meta.json here (make token shards with `llmkit prepare`)")
-    return json.loads(p.read_text())
+    meta = read_json(p, DataError)
+    splits = meta.get("splits")
+    ok = (meta.get("dtype") in ("uint16", "uint32") and _count(meta.get("vocab_size"), 1)
+          and isinstance(splits, dict) and all(isinstance(splits.get(s), dict) and _count(splits[s].get("tokens"))
+                                               and _count(splits[s].get("bytes")) for s in ("train", "val")))
+    if not ok:
+        raise DataError(f"{p}: not a meta.json written by `llmkit prepare` (needs dtype uint16/uint32, vocab_size "
+                        "and splits.train/val with tokens and bytes); re-run `llmkit prepare`")
+    return meta
+
+
+def _count(value: Any, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def load_tokens(data_dir: str | Path, split: str) -> np.memmap:
     meta = load_meta(data_dir)
+    if split not in meta["splits"]:
+        raise DataError(f"{data_dir}: no split {split!r} (valid: {', '.join(meta['splits'])})")
     path = Path(data_dir) / f"{split}.bin"
     if not path.is_file():
         raise DataError(f"{path}: missing token shard (re-run `llmkit prepare`)")

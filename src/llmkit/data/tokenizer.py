@@ -11,12 +11,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from llmkit.data.corpora import gpt2_vocab_files
 from llmkit.errors import DataError
-from llmkit.files import atomic_write_text
+from llmkit.files import atomic_write_text, read_json
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -34,10 +34,14 @@ class Tokenizer:
     """Text <-> token ids, with the special tokens and chat template a model needs."""
 
     def __init__(self, tk: HFTokenizer, eos_token: str = EOS, pad_token: str | None = PAD,
-                 bos_token: str | None = None, chat_template: str | None = None, kind: str = "bpe") -> None:
+                 bos_token: str | None = None, chat_template: str | None = None, kind: str = "bpe",
+                 add_bos: bool = False) -> None:
         self.tk = tk
         self.kind = kind
         self.eos_token, self.bos_token = eos_token, bos_token
+        # The model was trained with BOS before every document (Llama, Gemma...): prompts must start with it too,
+        # or generation and scores are silently worse. `encode` stays plain; `encode_prompt` adds it.
+        self.add_bos = bool(add_bos and bos_token and tk.token_to_id(bos_token) is not None)
         self.pad_token = pad_token if pad_token and tk.token_to_id(pad_token) is not None else eos_token
         self.chat_template = chat_template
         for name, tok in (("eos", eos_token), ("pad", self.pad_token)):
@@ -67,6 +71,19 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tk.encode(text, add_special_tokens=False).ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Ids of a text the model reads from its start (a prompt, a document to score): BOS first when the model
+        wants it, unless the text already begins with it (chat templates often write it)."""
+        ids = self.encode(text)
+        return self.with_bos(ids)
+
+    def with_bos(self, ids: list[int]) -> list[int]:
+        """`ids` with BOS in front when the model wants it and it is not there yet (never doubled)."""
+        bos = self.bos_id
+        if not self.add_bos or bos is None or ids[:1] == [bos]:
+            return list(ids)
+        return [bos, *ids]
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
 
@@ -91,16 +108,31 @@ class Tokenizer:
     def save(self, out_dir: str | Path) -> Path:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "tokenizer.json", self.tk.to_str())
+        atomic_write_text(out / "tokenizer.json", self._file_tokenizer().to_str())
         config: dict[str, Any] = {
             "tokenizer_class": "PreTrainedTokenizerFast", "llmkit_kind": self.kind,
             "eos_token": self.eos_token, "pad_token": self.pad_token, "bos_token": self.bos_token,
-            "model_max_length": 1_000_000, "clean_up_tokenization_spaces": False,
+            "model_max_length": 1_000_000, "clean_up_tokenization_spaces": False, "add_bos_token": self.add_bos,
         }
+        if self.kind == "wordpiece":  # BERT's roles and inputs, so transformers' pipelines and pairs work
+            config.update(cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", unk_token="[UNK]",
+                          model_input_names=["input_ids", "token_type_ids", "attention_mask"])
         if self.chat_template:
             config["chat_template"] = self.chat_template
         atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2))
         return out
+
+    def _file_tokenizer(self) -> HFTokenizer:
+        """The tokenizer to write: when the model wants BOS, a post-processor that adds it (as Llama 3's file
+        has), so transformers' `tokenizer(text)` gives what the model expects; llmkit's `encode` never uses it."""
+        bos = self.bos_id
+        if not self.add_bos or bos is None or self.tk.encode("a", add_special_tokens=True).ids[:1] == [bos]:
+            return self.tk
+        tk = HFTokenizer.from_str(self.tk.to_str())
+        b = self.bos_token
+        add = processors.TemplateProcessing(single=f"{b} $A", pair=f"{b} $A {b}:1 $B:1", special_tokens=[(b, bos)])
+        tk.post_processor = add if tk.post_processor is None else processors.Sequence([tk.post_processor, add])
+        return tk
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -117,7 +149,7 @@ class Tokenizer:
         config: dict[str, Any] = {}
         cfg_file = file.parent / "tokenizer_config.json"
         if cfg_file.is_file():
-            config = json.loads(cfg_file.read_text())
+            config = read_json(cfg_file, DataError)
 
         def token(key: str, default: str | None) -> str | None:
             v = config.get(key, default)
@@ -125,7 +157,7 @@ class Tokenizer:
 
         return cls(tk, eos_token=token("eos_token", EOS), pad_token=token("pad_token", PAD),
                    bos_token=token("bos_token", None), chat_template=config.get("chat_template"),
-                   kind=config.get("llmkit_kind", "bpe"))
+                   kind=config.get("llmkit_kind", "bpe"), add_bos=config.get("add_bos_token") is True)
 
     # ------------------------------------------------------------------ builders
     @classmethod

@@ -78,5 +78,5 @@ def encode_texts(tok: Tokenizer, texts: list[str], max_length: int) -> list[list
     """
     if tok.kind == "wordpiece":
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-        return [[cls, *ids[: max_length - 2], sep] for ids in tok.encode_batch(texts)]
+        return [[cls, *ids[: max(0, max_length - 2)], sep] for ids in tok.encode_batch(texts)]
     return [ids[:max_length] for ids in tok.encode_batch(texts)]

@@ -46,7 +46,7 @@ class LLM:
         """Answer a conversation ([{"role": "user", "content": ...}, ...]) through the model's chat template,
         stopping at the template's end-of-turn token."""
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        ids = self.tokenizer.encode(prompt)
+        ids = self.tokenizer.encode_prompt(prompt)  # BOS unless the template wrote it already
         return self.generate([ids], on_text=on_text, eos_ids=set(end_of_turn_ids(self.tokenizer)), **sampling)[0]
 
 

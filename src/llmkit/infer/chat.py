@@ -43,7 +43,7 @@ class ChatSession:
         dropped = 0
         while True:
             text = self.llm.tokenizer.apply_chat_template(self.messages(user), add_generation_prompt=True)
-            ids = self.llm.tokenizer.encode(text)
+            ids = self.llm.tokenizer.encode_prompt(text)  # BOS unless the template wrote it already
             if len(ids) + room <= ctx or not self.history:
                 break
             self.history = self.history[2:]  # the oldest user turn and its answer
@@ -121,6 +121,8 @@ def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO |
         stdout.write("\n")
         stdout.flush()
         replies += 1
-        if out.finish_reason == "length":
+        if out.context_full:
+            print("(reply cut: the model's context window is full; /reset to start over)", file=stderr)
+        elif out.finish_reason == "length":
             print(f"(reply cut at --max-new-tokens {session.sampling.max_new_tokens})", file=stderr)
     return replies

@@ -46,7 +46,10 @@ def token_stream(llm: LLM, data: str | Path, split: str = "val") -> tuple[np.nda
 def evaluate_lm(llm: LLM, data: str | Path, split: str = "val", batch_size: int = 8,
                 context: int | None = None, quiet: bool = False) -> dict[str, Any]:
     """Mean next-token loss over non-overlapping windows covering every token once."""
-    tokens, nbytes, desc = token_stream(llm, data, split)
+    text_tokens, nbytes, desc = token_stream(llm, data, split)
+    # A model that reads BOS first (Tokenizer.add_bos) scores the text after it, as it was trained to.
+    bos = llm.tokenizer.with_bos([])
+    tokens = np.concatenate([np.asarray(bos, dtype=text_tokens.dtype), text_tokens]) if bos else text_tokens
     if len(tokens) < 2:
         raise DataError(f"{desc}: fewer than 2 tokens, nothing to predict")
     model = llm.model.eval()
@@ -71,6 +74,6 @@ def evaluate_lm(llm: LLM, data: str | Path, split: str = "val", batch_size: int 
         total_nll += float(mean) * valid
         counted += valid
     loss = total_nll / counted
-    return {"loss": loss, **lm_figures(loss, len(tokens), nbytes), "tokens": int(len(tokens)),
+    return {"loss": loss, **lm_figures(loss, len(text_tokens), nbytes), "tokens": int(len(text_tokens)),
             "predicted_tokens": counted, "bytes": int(nbytes), "data": desc, "context": T,
             "bits_per_token": loss / math.log(2)}

@@ -47,14 +47,18 @@ class SamplingConfig:
             raise ConfigError(f"--top-k must be >= 0, got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise ConfigError(f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
+        if any(s == "" for s in self.stop):  # "" occurs in every text: it would stop before the first token
+            raise ConfigError("--stop: an empty stop string would end every generation at once; give a non-empty "
+                              "string")
 
 
 @dataclass
 class Generation:
     prompt: str
     text: str  # the continuation only
-    token_ids: list[int]
+    token_ids: list[int]  # the tokens of `text`: none past a stop string (the last may also hold its start)
     finish_reason: str  # "eos", "stop", "length"
+    context_full: bool = False  # "length" came from the model's context window, before max_new_tokens
 
 
 def process_logits(logits: Tensor, seen: Tensor | None, cfg: SamplingConfig) -> Tensor:
@@ -93,12 +97,18 @@ def generate(
     on_text: Callable[[int, str], None] | None = None,
     eos_ids: set[int] | None = None,
 ) -> list[Generation]:
-    """Continue each prompt. `on_text(row, new_text)` streams text as soon as it decodes cleanly."""
+    """Continue each prompt. `on_text(row, new_text)` streams text as soon as it decodes cleanly.
+
+    Text prompts get BOS first when the tokenizer asks for it (`Tokenizer.add_bos`); id prompts are used as
+    given. The context window bounds prompt + continuation: when it allows fewer than `max_new_tokens`, a
+    generation that reaches it ends with finish_reason "length" and `context_full` set (the window does not slide).
+    """
     model.eval()
     device = next(model.parameters()).device
     mcfg = model.cfg
-    encoded = [p if isinstance(p, list) else tokenizer.encode(p) for p in prompts]
-    encoded = [ids or [tokenizer.eos_id] for ids in encoded]  # an empty prompt starts a fresh document
+    encoded = [p if isinstance(p, list) else tokenizer.encode_prompt(p) for p in prompts]
+    # An empty prompt starts a fresh document: BOS where the model wants one, else the end-of-document token.
+    encoded = [ids or tokenizer.with_bos([]) or [tokenizer.eos_id] for ids in encoded]
     B, L = len(encoded), max(len(ids) for ids in encoded)
     if L >= mcfg.block_size:
         raise ConfigError(f"prompt is {L} tokens, the model's context is {mcfg.block_size}")
@@ -138,6 +148,7 @@ def generate(
             hit = [texts[i].find(s) for s in cfg.stop if s in texts[i]]
             if hit:
                 texts[i], finish[i] = texts[i][: min(hit)], "stop"
+                generated[i] = _tokens_of(tokenizer, generated[i], len(texts[i]))
             if on_text is not None:
                 # Hold back text that may still become a stop string or an incomplete UTF-8 character.
                 safe = len(texts[i]) if finish[i] else _stream_safe(texts[i], cfg.stop)
@@ -156,8 +167,18 @@ def generate(
             on_text(i, texts[i][streamed[i]:])
         prompt = prompts[i] if isinstance(prompts[i], str) else tokenizer.decode(encoded[i])
         results.append(Generation(prompt=prompt, text=texts[i], token_ids=generated[i],
-                                  finish_reason=finish[i] or "length"))
+                                  finish_reason=finish[i] or "length",
+                                  context_full=not finish[i] and new < cfg.max_new_tokens))
     return results
+
+
+def _tokens_of(tokenizer: Tokenizer, ids: list[int], n_chars: int) -> list[int]:
+    """The shortest prefix of `ids` whose text covers the first `n_chars` characters: the tokens of a text cut
+    at a stop string, without those that only spell the stop string (or what came after it)."""
+    for k in range(len(ids) + 1):
+        if len(tokenizer.decode(ids[:k])) >= n_chars:
+            return ids[:k]
+    return ids
 
 
 def _stream_safe(text: str, stops: list[str]) -> int:

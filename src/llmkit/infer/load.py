@@ -19,11 +19,9 @@ from llmkit.data.tokenizer import Tokenizer
 from llmkit.errors import CheckpointError
 from llmkit.interop.run_folder import Converted
 from llmkit.interop.sources import read_any
-from llmkit.model import DecoderLM, EncoderLM, build_model, empty_model, expected_shapes
+from llmkit.model import OPTIONAL_HEADS, DecoderLM, EncoderLM, build_model, empty_model, expected_shapes
 from llmkit.model.weights import load_into
 from llmkit.runtime import resolve_device, resolve_dtype
-
-OPTIONAL_HEADS = ("mlm.", "nsp.", "pooler.")  # parts of an EncoderLM a checkpoint may leave out
 
 
 @dataclass

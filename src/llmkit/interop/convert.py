@@ -13,16 +13,25 @@ import torch
 
 from llmkit.errors import CheckpointError
 from llmkit.interop.hf_folder import write_hf_folder
-from llmkit.interop.run_folder import write_run_folder
+from llmkit.interop.run_folder import check_replaceable, write_run_folder
 from llmkit.interop.sources import read_any
+from llmkit.model import check_weights
 from llmkit.runtime import resolve_dtype
 
 
 def convert(src: str | Path, dst: str | Path, to: str, dtype: str | None = None) -> Path:
-    """The `llmkit convert` verb: anything readable -> an llmkit run folder (`to="llmkit"`) or HF folder."""
+    """The `llmkit convert` verb: anything readable -> an llmkit run folder (`to="llmkit"`) or HF folder.
+
+    `dst` must be new, empty or a model folder llmkit wrote: it is replaced as a whole (`check_replaceable`)."""
     if to not in ("llmkit", "hf"):
         raise CheckpointError(f"--to {to!r}: valid targets are llmkit and hf")
+    check_replaceable(Path(dst))  # before the (slow) read: refuse at once to overwrite what llmkit did not write
     conv = read_any(src)
+    if conv.is_classifier:  # its head has no HF counterpart here, and a run folder of it would lose the labels
+        raise CheckpointError(f"{src}: {conv.describe()}; `llmkit convert` converts language models, not "
+                              "fine-tuned classifiers (classify with the run folder as it is)")
+    if conv.source.get("format") == "llmkit":  # HF and GGUF readers check names and shapes as they map them
+        check_weights(conv.cfg, conv.weights, Path(conv.source["path"]) / "model.safetensors")
     if dtype:
         conv.weights = {k: v.to(resolve_dtype(dtype, torch.device("cpu"))) for k, v in conv.weights.items()}
     return write_run_folder(conv, dst) if to == "llmkit" else write_hf_folder(conv, dst)

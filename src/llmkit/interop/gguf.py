@@ -161,7 +161,8 @@ def gguf_tokenizer(reader, path: Path) -> Tokenizer:
     if eos is None:
         raise CheckpointError(f"{path}: no tokenizer.ggml.eos_token_id in the metadata")
     return Tokenizer(tk, eos_token=eos, pad_token=special("padding"), bos_token=special("bos"),
-                     chat_template=_meta(reader, "tokenizer.chat_template"), kind="bpe")
+                     chat_template=_meta(reader, "tokenizer.chat_template"), kind="bpe",
+                     add_bos=bool(_meta(reader, "tokenizer.ggml.add_bos_token", False)))
 
 
 def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Converted:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from llmkit.config import ModelConfig
+from llmkit.config.sections import ROPE_SCALING_KEYS
 from llmkit.errors import CheckpointError
 
 # (llmkit name, HF names concatenated along dim 0, HF stores it transposed). `{i}` is the layer index.
@@ -229,7 +230,31 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
         "hidden_act": "silu", "attention_bias": cfg.bias, "mlp_bias": cfg.bias,
         "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": cfg.dropout,
+        "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None,
     }
+
+
+def rope_scaling_from_hf(rope: dict[str, Any]) -> dict[str, Any] | None:
+    """HF `rope_scaling` / `rope_parameters` -> ModelConfig.rope_scaling (None for plain rotary); a one-line
+    error naming any other rope_type (yarn, dynamic, longrope...), which llmkit does not compute."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind not in ROPE_SCALING_KEYS:
+        raise CheckpointError(f"rope_scaling rope_type {kind!r} is not supported (llmkit computes: default, "
+                              f"{', '.join(ROPE_SCALING_KEYS)})")
+    return {"rope_type": kind, **{k: rope[k] for k in ROPE_SCALING_KEYS[kind] if k in rope}}
+
+
+def _check_full_attention(hf: dict[str, Any], kind: str, block_size: int) -> None:
+    """Sliding-window attention (Mistral, Qwen2 with use_sliding_window) is full attention when the window
+    covers the whole context; a shorter window would need a banded mask llmkit does not have."""
+    window = hf.get("sliding_window")
+    if kind == "qwen2" and not hf.get("use_sliding_window", False):
+        window = None
+    if kind in ("mistral", "qwen2") and window is not None and window < block_size:
+        raise CheckpointError(f"{kind} sliding_window={window} is shorter than the context "
+                              f"(max_position_embeddings={block_size}); llmkit has no sliding-window attention")
 
 
 def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -245,13 +270,18 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if kind in ("llama", "mistral", "qwen2"):
         if hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
             raise CheckpointError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads is not supported")
+        block_size = hf.get("max_position_embeddings", 2048)
+        _check_full_attention(hf, kind, block_size)
+        rope = {**(hf.get("rope_parameters") or {}), **(hf.get("rope_scaling") or {})}  # transformers 5 / 4 keys
         return ModelConfig(
-            arch="llama", vocab_size=hf["vocab_size"], pad_vocab_multiple=1,
-            block_size=hf.get("max_position_embeddings", 2048), n_layer=hf["num_hidden_layers"],
-            n_head=hf["num_attention_heads"], n_kv_head=hf.get("num_key_value_heads"), n_embd=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"], bias=hf.get("attention_bias", False),
+            arch="llama", vocab_size=hf["vocab_size"], pad_vocab_multiple=1, block_size=block_size,
+            n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+            n_kv_head=hf.get("num_key_value_heads"), n_embd=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            # Qwen2 has q/k/v biases (no flag for them); o_proj and MLP biases it lacks load as zeros.
+            bias=True if kind == "qwen2" else hf.get("attention_bias", False) or hf.get("mlp_bias", False),
             tie_embeddings=hf.get("tie_word_embeddings", False), norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+            rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)), rope_scaling=rope_scaling_from_hf(rope),
         )
     if kind == "bert":
         if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":

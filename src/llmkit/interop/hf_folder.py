@@ -19,7 +19,7 @@ from llmkit.data.wordpiece import wrap_bert_tokenizer
 from llmkit.errors import CheckpointError, DataError, LLMKitError
 from llmkit.files import atomic_dir, atomic_write_text, read_json
 from llmkit.interop.hf import _rows, bert_names, from_hf_state_dict, hf_config, model_config_from_hf, to_hf_state_dict
-from llmkit.interop.run_folder import Converted
+from llmkit.interop.run_folder import Converted, check_replaceable
 from llmkit.model import expected_shapes
 from llmkit.model.weights import load_weights, save_weights
 
@@ -89,8 +89,13 @@ def read_hf_tokenizer(src: Path, hf_cfg: dict[str, Any] | None = None) -> Tokeni
     eos = token("eos_token") or next((t for t in END_OF_TURN_TOKENS if tk.token_to_id(t) is not None), None)
     if eos is None:
         raise DataError(f"{src}: the tokenizer names no eos_token")
-    return Tokenizer(tk, eos_token=eos, pad_token=token("pad_token"), bos_token=token("bos_token"),
-                     chat_template=template, kind="bpe")
+    bos = token("bos_token")
+    add_bos = tc.get("add_bos_token")
+    if not isinstance(add_bos, bool):  # no explicit setting: does tokenizer.json's post-processor put BOS first?
+        bos_id = tk.token_to_id(bos) if bos else None
+        add_bos = bos_id is not None and tk.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
+    return Tokenizer(tk, eos_token=eos, pad_token=token("pad_token"), bos_token=bos, chat_template=template,
+                     kind="bpe", add_bos=add_bos)
 
 
 def hf_weights_to_llmkit(hf_cfg: dict[str, Any], hf: dict[str, Tensor], where: str) -> tuple[ModelConfig, dict]:
@@ -115,8 +120,8 @@ def hf_weights_to_llmkit(hf_cfg: dict[str, Any], hf: dict[str, Tensor], where: s
     if extra:
         raise CheckpointError(f"{where}: unexpected tensor {extra[0]!r} ({len(extra)} in all); the config "
                               "does not describe these weights")
-    for name, meta in expected_shapes(cfg).items():  # biases the checkpoint leaves out are zero
-        if name not in ours and name.endswith(".bias"):
+    for name, meta in expected_shapes(cfg).items():  # biases the checkpoint leaves out of its layers are zero
+        if name not in ours and name.endswith(".bias") and name.removesuffix("bias") + "weight" in ours:
             ours[name] = torch.zeros(meta.shape, dtype=next(iter(ours.values())).dtype)
     return cfg, ours
 
@@ -159,18 +164,30 @@ def write_hf_folder(conv: Converted, dst: str | Path) -> Path:
     if cfg.arch == "gpt2" and (not cfg.bias or cfg.n_kv_head != cfg.n_head):
         raise CheckpointError("GPT-2 flavour without biases or with grouped-query attention has no transformers "
                               "equivalent (export needs model.bias=true and n_kv_head == n_head)")
+    dst = Path(dst)
+    check_replaceable(dst)
     hf = to_hf_state_dict(conv.weights, cfg)
     dtype = next(iter(hf.values())).dtype
     config = {**hf_config(cfg), "bos_token_id": tok.bos_id if tok.bos_id is not None else tok.eos_id,
               "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id, "dtype": str(dtype).removeprefix("torch.")}
-    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": end_of_turn_ids(tok),
-                  "pad_token_id": tok.pad_id}
-    dst = Path(dst)
+    if cfg.arch == "bert":  # a sentence-embedding checkpoint has no pre-training heads: name what is there
+        config["architectures"] = [bert_architecture(hf)]
     with atomic_dir(dst) as tmp:
         save_weights(hf, tmp / "model.safetensors", metadata={"format": "pt"})
         atomic_write_text(tmp / "config.json", json.dumps(config, indent=2))
-        atomic_write_text(tmp / "generation_config.json", json.dumps(generation, indent=2))
+        if cfg.arch != "bert":  # only text generators have generation settings
+            generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": end_of_turn_ids(tok),
+                          "pad_token_id": tok.pad_id}
+            atomic_write_text(tmp / "generation_config.json", json.dumps(generation, indent=2))
         tok.save(tmp)
     return dst
+
+
+def bert_architecture(hf: dict[str, Tensor]) -> str:
+    """The transformers class whose weights are exactly these: heads exported only where they exist."""
+    mlm = any(k.startswith("cls.predictions.") for k in hf)
+    nsp = any(k.startswith("cls.seq_relationship.") for k in hf)
+    return "BertForPreTraining" if mlm and nsp else "BertForMaskedLM" if mlm else \
+        "BertForNextSentencePrediction" if nsp else "BertModel"
 
 

@@ -24,7 +24,7 @@ from llmkit.interop.gguf import read_gguf
 from llmkit.interop.run_folder import write_run_folder
 
 # Bump when the conversion changes, so stale cache folders are not reused.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: tokenizer_config.json records add_bos_token
 
 
 @dataclass(frozen=True)

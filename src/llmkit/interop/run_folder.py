@@ -16,6 +16,7 @@ from torch import Tensor
 
 from llmkit.config import FinetuneRunConfig, ModelConfig, RunConfig, read_run_folder_config, save_yaml
 from llmkit.data.tokenizer import Tokenizer
+from llmkit.errors import CheckpointError
 from llmkit.files import atomic_dir, atomic_write_text
 from llmkit.model.weights import load_weights, save_weights
 
@@ -51,6 +52,30 @@ class Converted:
         return {k.removeprefix("backbone."): v for k, v in self.weights.items() if k.startswith("backbone.")}
 
 
+# What `write_hf_folder` puts in an HF folder: such a folder (and only such) may be replaced by a new export.
+HF_EXPORT_FILES = frozenset({"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                             "tokenizer_config.json"})
+
+
+def check_replaceable(dst: Path) -> None:
+    """Refuse to write over a folder llmkit did not write: a conversion replaces `dst` as a whole (atomic_dir),
+    so anything else in it would be deleted. Allowed: no folder, an empty one, an llmkit run folder
+    (config.yaml + model.safetensors) or an HF folder holding only what an export writes."""
+    if not dst.exists():
+        return
+    if not dst.is_dir():
+        raise CheckpointError(f"--out {dst}: is a file, not a folder; give a new or empty folder")
+    names = {p.name for p in dst.iterdir()}
+    if not names or {"config.yaml", "model.safetensors"} <= names:
+        return
+    if {"config.json", "model.safetensors"} <= names and names <= HF_EXPORT_FILES:
+        return
+    foreign = sorted(names - HF_EXPORT_FILES) or sorted(names)
+    raise CheckpointError(f"--out {dst}: the folder holds files llmkit did not write ({', '.join(foreign[:3])}"
+                          f"{', ...' if len(foreign) > 3 else ''}) and writing would replace it; give a new or "
+                          "empty folder")
+
+
 def read_run_folder(src: str | Path) -> Converted:
     src = Path(src)
     run = read_run_folder_config(src)
@@ -61,6 +86,7 @@ def read_run_folder(src: str | Path) -> Converted:
 def write_run_folder(conv: Converted, dst: str | Path, dtype: torch.dtype | None = None) -> Path:
     """config.yaml (model section) + model.safetensors + tokenizer/ + source.json, written atomically."""
     dst = Path(dst)
+    check_replaceable(dst)
     weights = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
                for k, v in conv.weights.items()}
     with atomic_dir(dst) as tmp:

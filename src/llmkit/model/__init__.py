@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -12,8 +13,11 @@ from llmkit.config import ModelConfig
 from llmkit.model.decoder import DecoderLM, DecoderOutput
 from llmkit.model.encoder import EncoderLM, EncoderOutput
 from llmkit.model.layers import KVCache
+from llmkit.model.weights import load_into
 
 ARCHITECTURES = {"gpt2": DecoderLM, "llama": DecoderLM, "bert": EncoderLM}
+# Parts of an EncoderLM a checkpoint may leave out (a sentence-embedding BERT has no pre-training heads).
+OPTIONAL_HEADS = ("mlm.", "nsp.", "pooler.")
 
 
 def build_model(cfg: ModelConfig) -> DecoderLM | EncoderLM:
@@ -51,5 +55,11 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, Tensor]:
     return own
 
 
-__all__ = ["ARCHITECTURES", "DecoderLM", "DecoderOutput", "EncoderLM", "EncoderOutput", "KVCache", "ModelConfig",
-           "build_model", "empty_model", "expected_shapes"]
+def check_weights(cfg: ModelConfig, weights: dict[str, Tensor], where: str | Path) -> None:
+    """Every tensor a model of this shape needs, with the right shape, and nothing else: or a one-line error
+    naming `where` and the first tensor that does not fit. Costs no copy: the tensors are adopted, not copied."""
+    load_into(empty_model(cfg), weights, where, assign=True, optional=OPTIONAL_HEADS if cfg.arch == "bert" else ())
+
+
+__all__ = ["ARCHITECTURES", "OPTIONAL_HEADS", "DecoderLM", "DecoderOutput", "EncoderLM", "EncoderOutput", "KVCache",
+           "ModelConfig", "build_model", "check_weights", "empty_model", "expected_shapes"]

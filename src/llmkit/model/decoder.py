@@ -27,7 +27,8 @@ class DecoderLM(Transformer):
         V, C = cfg.padded_vocab_size, cfg.n_embd
         self.embed = nn.Embedding(V, C)
         self.pos_embed = nn.Embedding(cfg.block_size, C) if cfg.arch == "gpt2" else None
-        self.rotary = Rotary(cfg.head_dim, cfg.block_size, cfg.rope_theta) if cfg.arch == "llama" else None
+        self.rotary = (Rotary(cfg.head_dim, cfg.block_size, cfg.rope_theta, cfg.rope_scaling)
+                       if cfg.arch == "llama" else None)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, causal=True) for _ in range(cfg.n_layer))
         self.norm = make_norm(cfg)

@@ -84,7 +84,10 @@ class EncoderLM(Transformer):
         if T > self.cfg.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the model's {self.cfg.block_size} positions")
         if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+            if attention_mask_2d is not None:  # left padding: each row counts from its first real token
+                position_ids = (attention_mask_2d.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+            else:
+                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         x = self.embed(input_ids) + self.pos_embed(position_ids) + self.type_embed(token_type_ids)  # (B, T, C)

@@ -24,6 +24,9 @@ class Transformer(nn.Module):
     cfg: ModelConfig
     # Embedding tables that only look rows up (no matmul): left out of the FLOP count, as nanoGPT/PaLM do.
     lookup_tables: tuple[str, ...] = ("pos_embed",)
+    # Output heads, run per token only as the objective needs (FLOP count's `head_share`), and per-text modules.
+    heads: tuple[str, ...] = ("lm_head", "mlm")
+    per_text: tuple[str, ...] = ("pooler", "nsp")
 
     def init_weights(self, scaled_residuals: bool) -> None:
         """N(0, 0.02) for matrices and embeddings, zero biases (norms keep their ones). With `scaled_residuals`,
@@ -48,10 +51,42 @@ class Transformer(nn.Module):
             n -= sum(m.weight.numel() for name in self.lookup_tables if (m := getattr(self, name, None)) is not None)
         return n
 
-    def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token: 6N for the weights plus the attention scores (PaLM appendix B)."""
+    def flops_per_token(self, seq_len: int | None = None, head_share: float = 1.0) -> float:
+        """Training FLOPs per token for what actually runs and learns: PaLM's 6N + 12·L·H·Q·T (appendix B) when
+        every weight trains and the head runs on every token, less when some are frozen or idle.
+
+        Walking the modules in forward (registration) order, each parameter costs 2 FLOPs per token forward,
+        2 more backward for its input's gradient once a trainable parameter lies upstream (the gradient must flow
+        through it to get there), and 2 more for its own gradient if it trains: 6 trained, 4 frozen above an
+        adapter (LoRA), 2 frozen below every trainable one. Lookup tables (embeddings) cost nothing; a tied
+        output head is a matmul and counts. Norm gains and biases count like weights, as in 6N (under 1 %). The
+        output head (`heads`) runs on `head_share` of the tokens: 1 for causal LM, the mask rate for MLM, 0 for
+        classification (it pools hidden states); per-text modules (`per_text`: pooler, NSP) are left out.
+        Attention scores (QK^T and AV over the full T x T, as nanoGPT and PaLM count them) cost 4·H·Q·T per
+        layer forward and twice that backward once the gradient flows there."""
         T = seq_len or self.cfg.block_size
-        return 6 * self.num_params() + 12 * self.cfg.n_layer * self.cfg.n_head * self.cfg.head_dim * T
+        scores = 4 * self.cfg.n_head * self.cfg.head_dim * T  # QK^T and AV, per token and layer, forward
+        share = {id(m): head_share for n in self.heads if (m := getattr(self, n, None)) is not None}
+        share |= {id(m): 0.0 for n in self.per_text if (m := getattr(self, n, None)) is not None}
+        total, flows = 0.0, False
+
+        def walk(module: nn.Module, scale: float) -> None:
+            nonlocal total, flows
+            scale = share.get(id(module), scale)
+            if isinstance(module, Attention):  # the scores sit between the qkv and the output projection
+                walk(module.qkv, scale)
+                total += scores * (3 if flows else 1)
+                walk(module.proj, scale)
+                return
+            own = list(module.parameters(recurse=False))
+            if not isinstance(module, nn.Embedding):
+                total += scale * sum(p.numel() * (2 + 2 * flows + 2 * p.requires_grad) for p in own)
+            flows |= bool(scale) and any(p.requires_grad for p in own)
+            for child in module.children():
+                walk(child, scale)
+
+        walk(self, 1.0)
+        return total
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -63,13 +98,15 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 class Rotary(nn.Module):
     """Rotary position embedding tables (the Hugging Face "rotate half" layout, so Llama weights load as-is)."""
 
-    def __init__(self, head_dim: int, max_len: int, theta: float) -> None:
+    def __init__(self, head_dim: int, max_len: int, theta: float, scaling: dict | None = None) -> None:
         super().__init__()
-        self.head_dim, self.theta = head_dim, theta
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
         self._build(max_len)
 
     def _build(self, max_len: int) -> None:
         inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim))
+        if self.scaling is not None:
+            inv_freq = scale_inv_freq(inv_freq, self.scaling)  # (hs/2,)
         t = torch.arange(max_len, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)  # (T, hs/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, hs)
@@ -85,6 +122,25 @@ class Rotary(nn.Module):
             self._build(max(max_pos, 2 * self.cos.shape[0]))
             self.cos, self.sin = self.cos.to(device), self.sin.to(device)
         return self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)
+
+
+def scale_inv_freq(inv_freq: Tensor, scaling: dict) -> Tensor:
+    """Long-context rotary scaling, as transformers computes it (`rope_type` linear or llama3).
+
+    linear divides every frequency by `factor`. llama3 (Llama 3.1/3.2) leaves high frequencies alone, divides
+    low ones (wavelength longer than the original context / low_freq_factor) by `factor`, and blends in between;
+    without it such checkpoints give wrong logits at every position."""
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq  # (hs/2,)
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
 
 
 def rotate_half(x: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from llmkit.config import FinetuneRunConfig, apply_overrides, build, load_yaml, save_yaml
+from llmkit.config import FinetuneRunConfig, apply_overrides, build, coerce, load_yaml, save_yaml
 from llmkit.data.batches import LabelledBatches, fixed_batches
 from llmkit.data.labelled import label_set, load_examples, split
 from llmkit.data.wordpiece import encode_texts
@@ -29,6 +29,7 @@ from llmkit.infer.load import load_model
 from llmkit.model.weights import load_into, load_weights, save_weights
 from llmkit.plots import plot_confusion
 from llmkit.tasks.classify import Classifier, evaluate_classifier, resolve_pooling
+from llmkit.train.checkpoint import start_run_folder
 from llmkit.train.loop import train
 from llmkit.train.objectives import Classify
 
@@ -46,7 +47,9 @@ def finetune_defaults(lora: bool) -> dict[str, Any]:
 def finetune_config(config_file: str | Path | None, overrides: dict[str, Any]) -> FinetuneRunConfig:
     """Defaults for fine-tuning, then the YAML recipe, then the command line; checks a base and data are named."""
     values = load_yaml(config_file) if config_file else {}
-    lora = str(overrides.get("finetune.lora", (values.get("finetune") or {}).get("lora", False))).lower() == "true"
+    # The defaults hang on lora, so read it as the config will: yes/on/1/true all mean LoRA.
+    lora = coerce(overrides.get("finetune.lora", (values.get("finetune") or {}).get("lora", False)), bool,
+                  "finetune.lora")
     given = {f"{sec}.{k}" for sec, v in values.items() if isinstance(v, dict) for k in v} | set(overrides)
     defaults = {k: v for k, v in finetune_defaults(lora).items() if k not in given}
     if "train.max_steps" in overrides and "finetune.epochs" not in given:
@@ -71,13 +74,16 @@ def _lora(model: Classifier, cfg: FinetuneRunConfig) -> nn.Module:
                                             target_modules=list(ft.lora_targets), modules_to_save=save))
 
 
-def finetune(cfg: FinetuneRunConfig, out_dir: str | Path, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Fine-tune `cfg.finetune.base` on `cfg.data.path`; returns (and writes to eval.json) the test figures."""
+def finetune(cfg: FinetuneRunConfig, out_dir: str | Path, resume: bool = False, quiet: bool = False,
+             overwrite: bool = False) -> dict[str, Any]:
+    """Fine-tune `cfg.finetune.base` on `cfg.data.path`; returns (and writes to eval.json) the test figures.
+    A fresh run needs an unused `out_dir` (or `overwrite`); `resume` continues one."""
     ft, out = cfg.finetune, Path(out_dir)
     if not ft.base:
         raise ConfigError("finetune needs a base model (--model NAME or RUN_DIR)")
     if cfg.train.objective != "classify":
         raise ConfigError(f"finetune --task classify trains with objective classify, not {cfg.train.objective!r}")
+    start_run_folder(out, resume=resume, overwrite=overwrite)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     splits = split(load_examples(cfg.data.path, ft.text_field, ft.label_field))
@@ -117,7 +123,8 @@ def finetune(cfg: FinetuneRunConfig, out_dir: str | Path, resume: bool = False, 
               f"{cfg.train.max_steps} steps")
     t0 = time.perf_counter()
     result = train(model, Classify(), cfg.train, batches, val, out, resume=resume,
-                   tokens_per_batch=round(mean_len * B), flops_per_token=bb.model.flops_per_token(round(mean_len)),
+                   tokens_per_batch=round(mean_len * B),  # no LM/MLM head runs: the classifier pools states
+                   flops_per_token=bb.model.flops_per_token(round(mean_len), head_share=0.0),
                    quiet=quiet)
     train_s = time.perf_counter() - t0
     load_into(model, load_weights(out / "model.safetensors"), out / "model.safetensors")  # the best evaluation

@@ -22,15 +22,16 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
-def lr_at(step: int, cfg: TrainConfig, time_used: float = 0.0) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at max_steps.
+def lr_at(step: int, cfg: TrainConfig, max_steps: int | None = None) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at `max_steps` (default cfg.max_steps).
 
-    Under a time budget (`max_minutes`) the decay follows whichever runs out first, steps or time
-    (`time_used` is the spent fraction), so a run cut short by the clock still ends at the low learning rate.
+    A function of steps only, never of the clock: a resumed run and every rank of a torchrun get the same rates.
+    Under a time budget `max_steps` is the planned number of steps (train/budget.py).
     """
+    total = cfg.max_steps if max_steps is None else max_steps
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, max(time_used, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)))
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
 

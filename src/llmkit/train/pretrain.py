@@ -19,13 +19,15 @@ from llmkit.errors import ConfigError
 from llmkit.model import build_model
 from llmkit.model.loss import lm_figures
 from llmkit.runtime import resolve_device
+from llmkit.train.checkpoint import start_run_folder
 from llmkit.train.distributed import setup_distributed
 from llmkit.train.loop import TrainResult, train
 from llmkit.train.objectives import get_objective
 
 
 def pretrain(cfg: RunConfig, run_dir: str | Path, resume: bool = False, quiet: bool = False,
-             callbacks=()) -> TrainResult:
+             callbacks=(), overwrite: bool = False) -> TrainResult:
+    """Train into `run_dir`: a fresh run needs an unused folder (or `overwrite`); `resume` continues one."""
     run_dir = Path(run_dir)
     masked = cfg.train.objective in ("mlm", "mlm+nsp")
     if masked != (cfg.model.arch == "bert") or cfg.train.objective == "classify":
@@ -37,6 +39,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, resume: bool = False, quiet: b
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
+    start_run_folder(run_dir, resume=resume, overwrite=overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, run_dir / "config.yaml")
     tok_src = Path(cfg.data.path) / meta.get("tokenizer", "tokenizer")
@@ -46,7 +49,8 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, resume: bool = False, quiet: b
     ddp = setup_distributed(resolve_device(cfg.train.device))
     T, B = cfg.model.block_size, cfg.data.batch_size
     batches = TokenBatches(cfg.data.path, "train", T, B, seed=cfg.data.seed, rank=ddp.rank, world=ddp.world)
-    val = TokenBatches(cfg.data.path, "val", T, B, seed=0).fixed(cfg.train.eval_iters)
+    # Each rank scores its slice of every validation batch (the loop averages them): one process's figures.
+    val = TokenBatches(cfg.data.path, "val", T, B, seed=0, rank=ddp.rank, world=ddp.world).fixed(cfg.train.eval_iters)
     split = meta["splits"]["val"]
 
     def val_metrics(res: dict[str, float]) -> dict[str, float]:
@@ -59,6 +63,7 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, resume: bool = False, quiet: b
               f"{cfg.model.n_layer} layers x {cfg.model.n_embd} wide, context {T}; "
               f"data: {meta['splits']['train']['tokens']:,} train tokens from {meta['source']}")
     objective = get_objective(cfg.train.objective, tokenizer=Tokenizer.load(run_dir / "tokenizer"))
+    head_share = getattr(objective, "mask_prob", 1.0)  # masked LM runs its head on the masked tokens only
     return train(model, objective, cfg.train, batches, val, run_dir, resume=resume,
-                 tokens_per_batch=B * T, flops_per_token=model.flops_per_token(T), val_metrics=val_metrics,
+                 tokens_per_batch=B * T, flops_per_token=model.flops_per_token(T, head_share), val_metrics=val_metrics,
                  callbacks=list(callbacks), quiet=quiet)
