@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -42,6 +43,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
+    # Native code under test (the tokenizers trainer's progress output) writes to file descriptor 1 itself, past
+    # Python's redirection: keep fd 1 for the one JSON line this script prints.
+    real_stdout = os.dup(1)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     t0 = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="llmkit-fuzz-"))
     fix = build_fixtures(root / "fixtures")
@@ -84,6 +89,8 @@ def main() -> None:
         changed += bool(outcome.changed)
         if found:
             failures.append({"mode": "subprocess", **case.to_json(), "problems": found})
+    sys.stdout.flush()
+    os.dup2(real_stdout, 1)
     if failures:
         Path(args.failures).write_text("".join(json.dumps(f) + "\n" for f in failures))
     print(json.dumps({
