@@ -71,6 +71,14 @@ def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> None:
 
 
 
+def add_run_args(p: argparse.ArgumentParser, json_help: str) -> None:
+    """What every verb that writes a run folder takes: how to treat an earlier run there, and what to print."""
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.add_argument("--json", action="store_true", help=json_help)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     pt = sub.add_parser("pretrain", help="train a model from scratch on token shards",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -80,10 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pt.add_argument("--data", help="token shard folder (overrides data.path)")
     pt.add_argument("--out", default="runs/latest", help="run folder")
     pt.add_argument("--max-steps", type=int_at_least(1), help="overrides train.max_steps")
-    pt.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
-    pt.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    pt.add_argument("--json", action="store_true", help="print the final summary as JSON")
-    pt.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_args(pt, json_help="print the final summary as JSON")
     pt.set_defaults(fn=cmd_pretrain, takes_extra=True)
 
     ft = sub.add_parser("finetune", help="fine-tune a pretrained model (classification; full or LoRA)",
@@ -101,8 +106,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("--config", help="YAML recipe (e.g. configs/classify-minilm.yaml)")
     ft.add_argument("--epochs", type=float, help="passes over the training split (overrides finetune.epochs)")
     ft.add_argument("--max-steps", type=int_at_least(1), help="optimiser steps (overrides the epoch count)")
-    ft.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
-    ft.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    ft.add_argument("--json", action="store_true", help="print the test report as JSON")
-    ft.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_args(ft, json_help="print the test report as JSON")
     ft.set_defaults(fn=cmd_finetune, takes_extra=True)

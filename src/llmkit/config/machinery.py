@@ -214,7 +214,7 @@ def help_text(cls: type = RunConfig, prefix: str = "") -> list[str]:
             lines.append(f"{prefix}{f.name}: {(tp.__doc__ or '').strip()}")
             lines.extend(help_text(tp, f"{prefix}{f.name}."))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else None
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         lines.append(f"  --{prefix}{f.name} (default: {default}) {docs.get(f.name, '')}")
     return lines
 
