@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
 
-from fuzz_cases import Case, all_cases, build_fixtures, judge, problems  # noqa: E402
+from fuzz_cases import Case, Outcome, all_cases, build_fixtures, judge, problems  # noqa: E402
 
 
 def main() -> None:
@@ -64,31 +64,33 @@ def main() -> None:
     statuses: collections.Counter[str] = collections.Counter()
     tracebacks = hangs = changed = 0
     failures = []
+
+    def tally(outcome: Outcome, case: Case, mode: str) -> None:
+        """Count one judged run: traceback, hang, files changed outside its folder; keep it if it failed."""
+        nonlocal tracebacks, hangs, changed
+        found = problems(outcome)
+        tracebacks += any(p.startswith("traceback") for p in found)
+        hangs += outcome.hung
+        changed += bool(outcome.changed)
+        if found:
+            failures.append({"mode": mode, **case.to_json(), "problems": found})
+
+    in_process_codes = []
     for i, case in enumerate(cases):
         outcome = judge(case, fix, root / "cases" / f"c{i}", timeout=args.timeout)
         by_kind[case.kind] += 1
         statuses[str(outcome.code)] += 1
-        found = problems(outcome)
-        tracebacks += any(p.startswith("traceback") for p in found)
-        hangs += outcome.hung
-        changed += bool(outcome.changed)
-        if found:
-            failures.append({"mode": "in-process", **case.to_json(), "problems": found})
+        in_process_codes.append(outcome.code)
+        tally(outcome, case, "in-process")
     step = max(1, len(cases) // max(1, args.subprocess))
-    sample = cases[::step][: args.subprocess]
+    sample = list(range(0, len(cases), step))[: args.subprocess]
     sub_status: collections.Counter[str] = collections.Counter()
     agree = 0
-    for i, case in enumerate(sample):
-        inproc = judge(case, fix, root / "sub-inproc" / f"c{i}", timeout=args.timeout)
-        outcome = judge(case, fix, root / "sub" / f"c{i}", subprocess_run=True, timeout=2 * args.timeout)
+    for i in sample:  # the same case again as a real process: its exit status must be the in-process one
+        outcome = judge(cases[i], fix, root / "sub" / f"c{i}", subprocess_run=True, timeout=2 * args.timeout)
         sub_status[str(outcome.code)] += 1
-        agree += outcome.code == inproc.code
-        found = problems(outcome)
-        tracebacks += any(p.startswith("traceback") for p in found)
-        hangs += outcome.hung
-        changed += bool(outcome.changed)
-        if found:
-            failures.append({"mode": "subprocess", **case.to_json(), "problems": found})
+        agree += outcome.code == in_process_codes[i]
+        tally(outcome, cases[i], "subprocess")
     sys.stdout.flush()
     os.dup2(real_stdout, 1)
     if failures:
