@@ -46,3 +46,31 @@ def tiny_model_config(arch: str = "gpt2", **kw) -> ModelConfig:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+CHROMIUM = "/usr/bin/chromium"
+# Flags the closed network needs: without the background-networking ones Chromium keeps dialling Google.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+def browser_page():
+    """A Playwright page in Debian's headless Chromium. .ci/run (LLMKIT_CI set) installs Chromium and fails without
+    it; a developer machine without it skips."""
+    import os
+    import shutil
+
+    if shutil.which(CHROMIUM) is None and shutil.which("chromium") is None:
+        if os.environ.get("LLMKIT_CI"):
+            pytest.fail("chromium is not installed (.ci/run installs Debian's chromium package)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which(CHROMIUM) or shutil.which("chromium"),
+                                    args=CHROMIUM_ARGS)
+        try:
+            yield browser.new_page(viewport={"width": 1280, "height": 900})
+        finally:
+            browser.close()

@@ -14,7 +14,7 @@ import errno
 import os
 import sys
 
-from llmkit.cli import data, infer, models, tasks, train
+from llmkit.cli import data, explain, infer, models, serve, tasks, train
 from llmkit.errors import LLMKitError
 
 
@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     infer.register(sub)  # generate, eval, chat
     models.register(sub)  # convert, models
     tasks.register(sub)  # classify, embed, search
+    serve.register(sub)  # serve
+    explain.register(sub)  # explain
     return p
 
 

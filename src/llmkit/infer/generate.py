@@ -15,6 +15,7 @@ from torch import Tensor
 
 from llmkit.data.tokenizer import Tokenizer
 from llmkit.errors import ConfigError
+from llmkit.infer.textstream import TextStream
 
 
 @dataclass
@@ -81,11 +82,20 @@ def process_logits(logits: Tensor, seen: Tensor | None, cfg: SamplingConfig) -> 
     return logits
 
 
-def _pick(logits: Tensor, cfg: SamplingConfig, gen: torch.Generator | None) -> Tensor:
+def pick(logits: Tensor, cfg: SamplingConfig, gen: torch.Generator | None) -> Tensor:
+    """(B, V) processed logits -> (B,) tokens: argmax when greedy, else one draw per row from `gen`."""
     if cfg.temperature == 0:
         return logits.argmax(-1)  # (B,)
     probs = logits.float().softmax(-1)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def new_generator(cfg: SamplingConfig, device: torch.device) -> torch.Generator | None:
+    """The seeded generator a sampled request draws from (None = the global RNG): one per request, so a seeded
+    text does not depend on what else runs beside it."""
+    if cfg.seed is None or cfg.temperature == 0:
+        return None
+    return torch.Generator(device=device).manual_seed(cfg.seed)
 
 
 @torch.inference_mode()
@@ -122,39 +132,29 @@ def generate(
     mask[:, L:] = 1  # generated tokens are always real
     ids, mask = ids.to(device), mask.to(device)
     padded = bool((mask[:, :L] == 0).any())
-    gen = None
-    if cfg.seed is not None and cfg.temperature > 0:
-        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    gen = new_generator(cfg, device)
 
     cache = model.new_cache(B, L + new)
     out = model(ids, attention_mask_2d=mask[:, :L] if padded else None, cache=cache, logits_slice=slice(-1, None))
     # Tokens already present, for the repetition penalty; padding stands in as the row's last prompt token.
     seen = torch.where(mask[:, :L].bool(), ids, ids[:, -1:]) if cfg.repetition_penalty != 1.0 else None
-    generated: list[list[int]] = [[] for _ in range(B)]
-    texts = [""] * B
-    streamed = [0] * B
+    streams = [TextStream(tokenizer, cfg.stop) for _ in range(B)]
     finish = [""] * B
     for t in range(new):
         logits = out.logits[:, -1, : mcfg.vocab_size].float()  # (B, V) without the vocabulary padding
-        nxt = _pick(process_logits(logits, seen, cfg), cfg, gen)  # (B,)
+        nxt = pick(process_logits(logits, seen, cfg), cfg, gen)  # (B,)
         for i, tok in enumerate(nxt.tolist()):
             if finish[i]:
                 continue
             if tok in eos:
                 finish[i] = "eos"
-                continue
-            generated[i].append(tok)
-            texts[i] = tokenizer.decode(generated[i])
-            hit = [texts[i].find(s) for s in cfg.stop if s in texts[i]]
-            if hit:
-                texts[i], finish[i] = texts[i][: min(hit)], "stop"
-                generated[i] = _tokens_of(tokenizer, generated[i], len(texts[i]))
+                streams[i].finish()
+            elif streams[i].push(tok):
+                finish[i] = "stop"
             if on_text is not None:
-                # Hold back text that may still become a stop string or an incomplete UTF-8 character.
-                safe = len(texts[i]) if finish[i] else _stream_safe(texts[i], cfg.stop)
-                if safe > streamed[i]:
-                    on_text(i, texts[i][streamed[i]:safe])
-                    streamed[i] = safe
+                piece, _ = streams[i].take()
+                if piece:
+                    on_text(i, piece)
         if all(finish) or t == new - 1:
             break
         step_ids = nxt[:, None]  # (B, 1)
@@ -162,31 +162,13 @@ def generate(
             seen = torch.cat([seen, step_ids], dim=1)
         out = model(step_ids, attention_mask_2d=mask[:, : L + t + 1] if padded else None, cache=cache)
     results = []
-    for i in range(B):
-        if on_text is not None and len(texts[i]) > streamed[i]:
-            on_text(i, texts[i][streamed[i]:])
+    for i, stream in enumerate(streams):
+        stream.finish()
+        piece, _ = stream.take()
+        if on_text is not None and piece:
+            on_text(i, piece)
         prompt = prompts[i] if isinstance(prompts[i], str) else tokenizer.decode(encoded[i])
-        results.append(Generation(prompt=prompt, text=texts[i], token_ids=generated[i],
+        results.append(Generation(prompt=prompt, text=stream.text, token_ids=stream.ids,
                                   finish_reason=finish[i] or "length",
                                   context_full=not finish[i] and new < cfg.max_new_tokens))
     return results
-
-
-def _tokens_of(tokenizer: Tokenizer, ids: list[int], n_chars: int) -> list[int]:
-    """The shortest prefix of `ids` whose text covers the first `n_chars` characters: the tokens of a text cut
-    at a stop string, without those that only spell the stop string (or what came after it)."""
-    for k in range(len(ids) + 1):
-        if len(tokenizer.decode(ids[:k])) >= n_chars:
-            return ids[:k]
-    return ids
-
-
-def _stream_safe(text: str, stops: list[str]) -> int:
-    """How much of `text` can be shown now: not a trailing partial character nor a possible stop-string prefix."""
-    end = len(text.rstrip("\ufffd"))
-    for s in stops:
-        for k in range(min(len(s) - 1, end), 0, -1):
-            if text[:end].endswith(s[:k]):
-                end = min(end, len(text[:end]) - k)
-                break
-    return end

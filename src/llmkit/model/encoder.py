@@ -25,6 +25,7 @@ class EncoderOutput:
     logits: Tensor | None = None  # masked-LM logits: (N, V) at `mlm_positions`, or (B, T, V) with all_logits
     nsp_logits: Tensor | None = None  # (B, 2) next-sentence: 0 = B follows A, 1 = B is random (HF convention)
     attentions: list[Tensor] | None = None  # per layer (B, nh, T, T) when asked for
+    hidden_states: list[Tensor] | None = None  # n_layer + 1 (B, T, C): embeddings' output, then each block's
 
 
 class MLMHead(nn.Module):
@@ -73,6 +74,7 @@ class EncoderLM(Transformer):
         need_weights: bool = False,
         mlm_positions: Tensor | None = None,
         all_logits: bool = False,
+        need_hidden: bool = False,
     ) -> EncoderOutput:
         """input_ids (B, T); `attention_mask_2d` (B, T) marks real tokens (0 = padding, right or left).
 
@@ -94,10 +96,13 @@ class EncoderLM(Transformer):
         x = self.drop(self.embed_norm(x))
         mask = attention_mask(attention_mask_2d, T, T, causal=False, device=x.device)  # (B, 1, T, T) or None
         attentions = [] if need_weights else None
+        hidden_states = [x] if need_hidden else None
         for i, block in enumerate(self.blocks):
             x, w = block(x, mask=mask, layer=i, need_weights=need_weights)
             if attentions is not None:
                 attentions.append(w)
+            if hidden_states is not None:
+                hidden_states.append(x)
         pooled = torch.tanh(self.pooler(x[:, 0]))  # (B, C)
         logits = None
         if all_logits:
@@ -105,7 +110,7 @@ class EncoderLM(Transformer):
         elif mlm_positions is not None:
             logits = self.mlm(x[mlm_positions])  # (N, V)
         return EncoderOutput(hidden=x, pooled=pooled, logits=logits, nsp_logits=self.nsp(pooled),
-                             attentions=attentions)
+                             attentions=attentions, hidden_states=hidden_states)
 
 
 def mean_pool(hidden: Tensor, mask: Tensor | None) -> Tensor:

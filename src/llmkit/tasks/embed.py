@@ -15,18 +15,19 @@ import torch.nn.functional as F
 from llmkit.data.batches import fixed_batches
 from llmkit.data.wordpiece import encode_texts
 from llmkit.errors import DataError
-from llmkit.infer.load import load_model
+from llmkit.infer.load import Loaded, load_model
 from llmkit.model.encoder import mean_pool
 
 
 class SentenceEncoder:
     """Texts -> (N, C) unit vectors with a pretrained model (built-in name, HF folder or run folder)."""
 
-    def __init__(self, model: str, max_length: int = 256, device: str = "cpu") -> None:
-        got = load_model(model, device=device)
+    def __init__(self, model: str | Loaded, max_length: int = 256, device: str = "cpu") -> None:
+        """`model` is a source to load, or a model already loaded (`llmkit serve` embeds with the model it serves)."""
+        got = model if isinstance(model, Loaded) else load_model(model, device=device)
         self.model, self.tokenizer, self.cfg = got.model, got.tokenizer, got.cfg
         self.max_length = min(max_length, got.cfg.block_size)
-        self.device = torch.device(device)
+        self.device = next(got.model.parameters()).device
 
     @property
     def dim(self) -> int:

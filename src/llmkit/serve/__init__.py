@@ -1,0 +1,1 @@
+"""`llmkit serve`: an OpenAI-compatible HTTP server over one continuous-batching engine (engine.py)."""
