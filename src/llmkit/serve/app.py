@@ -2,9 +2,8 @@
 
 Routes are plain functions of the raw request: the body is read by `Served.read_json` under a size limit (413
 before anything is parsed), parsed and validated by `protocol`, so no malformed body can reach a code path that
-answers 500. The key
-(`--api-key`) guards every /v1 route; `/`, `/health` and `/metrics` stay open so a person and a monitor can reach
-them. One model is served; its id is what requests name in `model` (404 for any other).
+answers 500. The key (`--api-key`) guards every /v1 route; `/`, `/health` and `/metrics` stay open so a person and
+a monitor can reach them. One model is served; its id is what requests name in `model` (404 for any other).
 """
 
 from __future__ import annotations
