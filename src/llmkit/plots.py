@@ -14,7 +14,9 @@ import numpy as np
 from llmkit.files import atomic_write
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, imported on first use: figures render with no display, and verbs
+    that draw nothing do not pay matplotlib's import."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,7 +27,7 @@ def _pyplot():
 
 def save_figure(fig: Any, path: Path) -> None:
     """Write a matplotlib figure as a PNG atomically, then free it."""
-    plt = _pyplot()
+    plt = pyplot()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
@@ -47,7 +49,7 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> None:
             val.append((rec["step"], rec["val_loss"]))
     if not train:
         return
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     ax.plot(*zip(*train), label="train loss", lw=1, alpha=0.8)
     if val:
@@ -64,7 +66,7 @@ def plot_confusion(cm: np.ndarray, labels: list[str], path: Path, title: str) ->
     """A confusion matrix (rows: true class, columns: predicted) as a PNG."""
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 3, 1.2 * len(labels) + 2.5), dpi=110)
     ConfusionMatrixDisplay(cm, display_labels=labels).plot(ax=ax, cmap="Blues", colorbar=False)
     ax.set_title(title, fontsize=9)

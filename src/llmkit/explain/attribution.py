@@ -66,8 +66,9 @@ def saliency(subject: Subject, ids: Tensor, target_index: int) -> list[float]:
 
 
 def integrated_gradients(subject: Subject, ids: Tensor, target_index: int, steps: int) -> dict[str, Any]:
-    """Layer integrated gradients on the token embeddings; also f(x), f(baseline) and Captum's convergence delta
-    (sum of attributions - (f(x) - f(baseline)))."""
+    """Layer integrated gradients on the token embeddings; also f(baseline) and Captum's convergence delta
+    (sum of attributions - (f(x) - f(baseline))). f(x) is not recomputed here: the capture's forward pass already
+    gave the target's log-probability (report.py), and on a long input one more pass costs seconds."""
     from captum.attr import LayerIntegratedGradients
 
     f = target_log_prob(subject, target_index)
@@ -77,6 +78,6 @@ def integrated_gradients(subject: Subject, ids: Tensor, target_index: int, steps
     attr, delta = lig.attribute(ids, baselines=base, n_steps=steps, internal_batch_size=batch,
                                 return_convergence_delta=True)  # (1, T, C), (1,)
     with torch.no_grad():
-        f_x, f_b = f(ids).item(), f(base).item()
+        f_b = f(base).item()
     return {"integrated_gradients": attr[0].sum(-1).tolist(), "ig_delta": float(delta.item()), "ig_steps": steps,
-            "f_x": f_x, "f_baseline": f_b, "ig_batch": batch}
+            "f_baseline": f_b, "ig_batch": batch}

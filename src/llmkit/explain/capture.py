@@ -55,7 +55,7 @@ def load_subject(model: str | Path, device: str = "cpu") -> Subject:
     got = load_model(model, device=device, dtype="float32")
     run = got.run
     if isinstance(run, FinetuneRunConfig) and run.train.objective == "classify" and run.finetune.labels:
-        clf = load_classifier(model, device=device)  # the checked head-loading path `llmkit classify` uses
+        clf = load_classifier(got)  # the checked head-loading path `llmkit classify` uses, on what is loaded
         clf.model.requires_grad_(False)
         backbone = clf.model.backbone
         return Subject(str(model), backbone, clf.model, clf.tokenizer, backbone.cfg, "classifier",

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from llmkit.plots import _pyplot, save_figure
+from llmkit.plots import pyplot, save_figure
 
 MAX_LABELS = 40  # token labels per axis; beyond this every k-th token is labelled
 MAX_LENS_POSITIONS = 24  # logit-lens columns drawn (the last ones); report.json and the page keep them all
@@ -72,7 +72,7 @@ def rollout_array(report: dict[str, Any], arrays: dict[str, Any] | None) -> np.n
 def plot_attention_layer(att: np.ndarray, tokens: Sequence[str], layer: int, path: Path,
                          heads: Sequence[int] | None = None) -> None:
     """One PNG for one layer: a heatmap per head (rows: the token attending, columns: the token attended to)."""
-    plt = _pyplot()
+    plt = pyplot()
     heads = list(range(att.shape[0])) if heads is None else list(heads)
     ncol = math.ceil(math.sqrt(len(heads)))
     nrow = math.ceil(len(heads) / ncol)
@@ -97,7 +97,7 @@ def plot_attention_layer(att: np.ndarray, tokens: Sequence[str], layer: int, pat
 
 def plot_rollout(roll: np.ndarray, tokens: Sequence[str], path: Path) -> None:
     """Attention rollout: how much each token (row) draws on each input token (column) through all layers."""
-    plt = _pyplot()
+    plt = pyplot()
     side = min(9.0, max(4.0, 0.16 * min(len(tokens), MAX_LABELS) + 2.0))
     fig, ax = plt.subplots(figsize=(side + 1.2, side), dpi=100)
     image = ax.imshow(roll, cmap="magma", interpolation="nearest")
@@ -110,7 +110,7 @@ def plot_rollout(roll: np.ndarray, tokens: Sequence[str], path: Path) -> None:
 def plot_logit_lens(report: dict[str, Any], path: Path) -> None:
     """Layers x positions: each cell is the top next token read from that layer's residual stream, coloured by its
     probability. Only the last MAX_LENS_POSITIONS positions are drawn."""
-    plt = _pyplot()
+    plt = pyplot()
     lens = report["logit_lens"]
     n_pos = len(lens[0])
     start = max(0, n_pos - MAX_LENS_POSITIONS)
@@ -137,7 +137,7 @@ def plot_logit_lens(report: dict[str, Any], path: Path) -> None:
 
 def plot_attributions(report: dict[str, Any], path: Path) -> None:
     """Gradient x input and integrated gradients per token, one bar row each, for the report's target."""
-    plt = _pyplot()
+    plt = pyplot()
     attr = report["attributions"]
     rows = [(name, attr.get(key)) for name, key in (("gradient x input", "saliency"),
                                                      ("integrated gradients", "integrated_gradients"))]

@@ -110,16 +110,16 @@ def explain(model: str | Path, text: str, methods: Sequence[str] | None = None, 
             report["lens_layer_of_target"] = first_layer_on_top(report["logit_lens"], target_index)
     if target_index is not None and any(m in chosen for m in NEEDS_TARGET):
         x = cap.ids[None]  # (1, T)
+        # f(x), the target's log-probability, from the capture's forward pass (the one every method reads).
+        f_x = float(torch.log_softmax(_real(subject, cap.logits), -1)[target_index])
         attr: dict[str, Any] = {"saliency": None, "integrated_gradients": None, "ig_delta": None,
-                                "ig_steps": ig_steps, "ig_batch": None, "f_x": None, "f_baseline": None}
+                                "ig_steps": ig_steps, "ig_batch": None, "f_x": f_x, "f_baseline": None}
         if "saliency" in chosen:
             with timed("saliency"):
                 attr["saliency"] = saliency(subject, x, target_index)
         if "integrated-gradients" in chosen:
             with timed("integrated-gradients"):
                 attr.update(integrated_gradients(subject, x, target_index, ig_steps))
-        if attr["f_x"] is None:
-            attr["f_x"] = float(torch.log_softmax(_real(subject, cap.logits), -1)[target_index])
         report["attributions"] = attr
     del cap
     out = _rounded(report)

@@ -105,6 +105,6 @@ def token_bytes(tokenizer: Tokenizer, token: int) -> bytes:
 
 @lru_cache(maxsize=1)
 def _byte_level_table() -> dict[str, int]:
-    from llmkit.interop.gguf import _bytes_to_unicode
+    from llmkit.interop.gguf import bytes_to_unicode
 
-    return {c: b for b, c in _bytes_to_unicode().items()}
+    return {c: b for b, c in bytes_to_unicode().items()}

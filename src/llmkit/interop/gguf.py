@@ -108,7 +108,7 @@ def gguf_hf_tensors(reader, hf_cfg: dict[str, Any], path: Path, dtype: torch.dty
     return out
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (the spelling of byte-level BPE vocabularies)."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
     chars, n = list(keep), 0
@@ -132,7 +132,7 @@ def gguf_tokenizer(reader, path: Path) -> Tokenizer:
     tokens: list[str] = _meta(reader, "tokenizer.ggml.tokens")
     types: list[int] = _meta(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
     merges = [tuple(m.split(" ", 1)) for m in _meta(reader, "tokenizer.ggml.merges") or []]
-    spelling = _bytes_to_unicode()
+    spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
     vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
              for i, t in enumerate(tokens)}

@@ -23,7 +23,6 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
-from llmkit.data.wordpiece import encode_texts
 from llmkit.serve import openai_routes
 from llmkit.serve.engine import EngineError
 from llmkit.serve.metrics import CountRequests
@@ -48,8 +47,8 @@ async def embeddings(http: HttpRequest, served: Served) -> Response:
 
     def run() -> tuple[np.ndarray, int]:
         with served.embed_lock:
-            tokens = sum(len(ids) for ids in encode_texts(enc.tokenizer, texts, enc.max_length))
-            return enc.encode(texts), tokens
+            ids = enc.tokenize(texts)  # once: the usage count and the embeddings read the same ids
+            return enc.embed_ids(ids), sum(len(row) for row in ids)
 
     emb, tokens = await run_in_threadpool(run)
     data = []

@@ -21,7 +21,7 @@ from llmkit.data.labelled import Examples
 from llmkit.data.tokenizer import Tokenizer
 from llmkit.data.wordpiece import encode_texts
 from llmkit.errors import CheckpointError, ConfigError
-from llmkit.infer.load import load_model
+from llmkit.infer.load import Loaded, load_model
 from llmkit.model.encoder import last_token_pool, mean_pool
 from llmkit.model.weights import load_into
 
@@ -117,9 +117,11 @@ class LoadedClassifier:
                  "probabilities": {lab: float(x) for lab, x in zip(self.labels, p)}} for p in probs]
 
 
-def load_classifier(run_dir: str | Path, device: str = "cpu") -> LoadedClassifier:
-    """A run folder written by `llmkit finetune --task classify`, ready to predict (eval mode, float32)."""
-    got = load_model(run_dir, device=device)
+def load_classifier(run_dir: str | Path | Loaded, device: str = "cpu") -> LoadedClassifier:
+    """A run folder written by `llmkit finetune --task classify`, ready to predict (eval mode, float32); or that
+    folder already loaded by `load_model` (`llmkit explain` loads first, then learns it is a classifier)."""
+    got = run_dir if isinstance(run_dir, Loaded) else load_model(run_dir, device=device)
+    run_dir = got.source
     cfg = got.run
     if not isinstance(cfg, FinetuneRunConfig) or cfg.train.objective != "classify" or not cfg.finetune.labels:
         what = f"trained with objective {cfg.train.objective!r}" if cfg is not None else f"a {got.cfg.arch} model"

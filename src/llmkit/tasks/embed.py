@@ -33,12 +33,19 @@ class SentenceEncoder:
     def dim(self) -> int:
         return self.cfg.n_embd
 
-    @torch.inference_mode()
     def encode(self, texts: list[str], batch_size: int = 64, normalize: bool = True) -> np.ndarray:
         """Mean-pooled (and L2-normalised) embeddings (N, C), float32, in the order of `texts`."""
-        if not texts:
+        return self.embed_ids(self.tokenize(texts), batch_size, normalize)
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """The ids the model reads for each text (framed and cut to `max_length`, as `encode` feeds them)."""
+        return encode_texts(self.tokenizer, texts, self.max_length)
+
+    @torch.inference_mode()
+    def embed_ids(self, ids: list[list[int]], batch_size: int = 64, normalize: bool = True) -> np.ndarray:
+        """`encode` for texts already tokenized by `tokenize` (a caller that also counts their tokens)."""
+        if not ids:
             return np.zeros((0, self.dim), dtype=np.float32)
-        ids = encode_texts(self.tokenizer, texts, self.max_length)
         batches, order = fixed_batches(ids, None, batch_size, self.tokenizer.pad_id)
         chunks = []
         for b in batches:
@@ -49,7 +56,7 @@ class SentenceEncoder:
                 hidden = self.model(x, attention_mask_2d=mask, logits_slice=slice(0, 0)).hidden
             e = mean_pool(hidden.float(), mask)  # (B, C)
             chunks.append(F.normalize(e, dim=-1) if normalize else e)
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
         out[order] = torch.cat(chunks).cpu().numpy()
         return out
 
