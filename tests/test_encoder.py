@@ -86,6 +86,23 @@ def wp_tokenizer(corpus_file):
     return train_wordpiece([corpus_file.read_text()], vocab_size=300)
 
 
+def test_trained_wordpiece_ids_are_the_same_in_every_process(tmp_path, corpus_file):
+    """The trainer numbers pieces in hash-map order, which differs per process: llmkit renumbers them."""
+    import subprocess
+    import sys
+
+    script = ("import json, sys; from llmkit.data.wordpiece import train_wordpiece; "
+              "tok = train_wordpiece([open(sys.argv[1]).read()[:50000]], vocab_size=300); "
+              "print(json.dumps(sorted(tok.tk.get_vocab().items())))")
+    vocabs = [subprocess.run([sys.executable, "-c", script, str(corpus_file)], capture_output=True, text=True,
+                             check=True).stdout for _ in range(3)]
+    assert vocabs[0] == vocabs[1] == vocabs[2]
+    ids = dict(json.loads(vocabs[0]))
+    assert [ids[t] for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")] == [0, 1, 2, 3, 4]
+    tok = train_wordpiece([corpus_file.read_text()[:50000]], vocab_size=300)
+    assert tok.decode(tok.encode("the king is dead")) == "the king is dead"
+
+
 def test_masked_lm_masking(wp_tokenizer):
     mlm = get_objective("mlm", tokenizer=wp_tokenizer)
     ids = special_ids(wp_tokenizer)

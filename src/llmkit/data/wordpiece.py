@@ -52,10 +52,29 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, lowercase: bool = Tru
     tk.train_from_iterator(nonempty(), trainer=trainer)
     if seen[0] == 0:
         raise DataError("the corpus is empty: no text to train a tokenizer on")
+    tk.model = models.WordPiece(vocab=_reproducible_ids(tk.get_vocab()), unk_token="[UNK]")
     cls, sep = tk.token_to_id("[CLS]"), tk.token_to_id("[SEP]")
     tk.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
     return wrap_bert_tokenizer(tk)
+
+
+def _reproducible_ids(vocab: dict[str, int]) -> dict[str, int]:
+    """Renumber a trained vocabulary so the same corpus always gives the same ids.
+
+    The trainer numbers characters in hash-map order and breaks ties between equally frequent merges by those
+    numbers, so the ids change from process to process. WordPiece splits words by longest
+    match, not by id, so sorting the pieces changes no tokenization and makes a retrained tokenizer, and a model
+    initialised over it with a seed, reproducible.
+    """
+    def rank(token: str) -> tuple:
+        if token in SPECIALS:
+            return (0, SPECIALS.index(token))
+        if len(token) == 1 or (len(token) == 3 and token.startswith("##")):
+            return (1, token.startswith("##"), token)
+        return (2, token.startswith("##"), token)
+
+    return {token: new for new, token in enumerate(sorted(vocab, key=rank))}
 
 
 def special_ids(tok: Tokenizer) -> dict[str, int]:
