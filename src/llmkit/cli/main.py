@@ -14,7 +14,7 @@ import errno
 import os
 import sys
 
-from llmkit.cli import data, explain, infer, models, serve, tasks, train
+from llmkit.cli import data, explain, federated, infer, models, serve, tasks, train
 from llmkit.errors import LLMKitError
 
 
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.register(sub)  # classify, embed, search
     serve.register(sub)  # serve
     explain.register(sub)  # explain
+    federated.register(sub)  # federated
     return p
 
 

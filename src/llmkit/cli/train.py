@@ -1,4 +1,5 @@
-"""CLI verbs that train: `llmkit pretrain` and `llmkit finetune` (both run the one loop in train/loop.py)."""
+"""CLI verbs that train: `llmkit pretrain`, `llmkit finetune` and `llmkit distill` (all run the one loop in
+train/loop.py)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,23 @@ def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> None:
     print(f"wrote {out / 'eval.json'} and {out / 'confusion_matrix.png'}")
 
 
+def cmd_distill(args: argparse.Namespace, extra: list[str]) -> None:
+    from llmkit.config import parse_override_args
+    from llmkit.train.distill import distill, distill_config
+
+    overrides: dict[str, Any] = parse_override_args(extra)
+    for key, value in (("kd.teacher", args.teacher), ("kd.student", args.student), ("data.path", args.data),
+                       ("train.max_steps", args.max_steps)):
+        if value is not None:
+            overrides[key] = value
+    out = Path(args.out)
+    config_file = out / "config.yaml" if args.resume and args.config is None else args.config
+    cfg = distill_config(config_file, overrides)
+    result = distill(cfg, out, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
+    summary = {"run": str(out), "step": result.step, f"best_{cfg.train.select_metric}": result.best_val,
+               **{k: v for k, v in result.last.items() if k.startswith("val_") or k in ("ce", "kd")}}
+    print(json.dumps(summary) if args.json else "done: " + "  ".join(f"{k} {v}" for k, v in summary.items()))
+
 
 def add_run_args(p: argparse.ArgumentParser, json_help: str) -> None:
     """What every verb that writes a run folder takes: how to treat an earlier run there, and what to print."""
@@ -108,3 +126,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("--max-steps", type=int_at_least(1), help="optimiser steps (overrides the epoch count)")
     add_run_args(ft, json_help="print the test report as JSON")
     ft.set_defaults(fn=cmd_finetune, takes_extra=True)
+
+    from llmkit.config import DistillRunConfig
+
+    kd = sub.add_parser("distill", help="train a small student on a teacher's output distribution",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Knowledge distillation in the one training loop: loss = (1 - alpha) * "
+                                    "cross-entropy + alpha * T^2 * D(teacher_T || student_T). Teacher and student "
+                                    "share the teacher's tokenizer (make --data with it: `llmkit prepare "
+                                    "--tokenizer DIR`). Any config key can be overridden as --section.key VALUE "
+                                    "(e.g. --kd.loss reverse_kl --kd.temperature 2 --kd.alpha 0.5 "
+                                    "--kd.cache-top-k 64 --train.lr 1e-3).",
+                        epilog="config keys:\n" + "\n".join(help_text(DistillRunConfig)))
+    kd.add_argument("--teacher", help=f"the teacher (overrides kd.teacher): {MODEL_HELP}")
+    kd.add_argument("--student", help="the student (overrides kd.student): a model preset (e.g. smollm2-draft), a "
+                                      "YAML file with a model section, or an llmkit run folder to start from")
+    kd.add_argument("--config", help="YAML recipe (e.g. configs/distill-smollm2.yaml)")
+    kd.add_argument("--data", help="token shard folder made with the teacher's tokenizer (overrides data.path)")
+    kd.add_argument("--out", required=True, help="run folder to write")
+    kd.add_argument("--max-steps", type=int_at_least(1), help="overrides train.max_steps")
+    add_run_args(kd, json_help="print the final summary as JSON")
+    kd.set_defaults(fn=cmd_distill, takes_extra=True)

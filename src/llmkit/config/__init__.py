@@ -4,6 +4,7 @@
 and command lines into them, and them into YAML and `--help`. Everything is importable from `llmkit.config`.
 """
 
+from llmkit.config.distill import DistillRunConfig, KDConfig
 from llmkit.config.machinery import (
     add_dataclass_args,
     apply_overrides,
@@ -31,7 +32,8 @@ from llmkit.config.sections import (
 )
 
 __all__ = [
-    "MODEL_PRESETS", "DataConfig", "FinetuneConfig", "FinetuneRunConfig", "ModelConfig", "RunConfig", "TrainConfig",
+    "MODEL_PRESETS", "DataConfig", "DistillRunConfig", "KDConfig",
+    "FinetuneConfig", "FinetuneRunConfig", "ModelConfig", "RunConfig", "TrainConfig",
     "add_dataclass_args", "apply_overrides", "build", "coerce", "dataclass_from_args", "field_docs", "help_text",
     "load_run_config", "load_yaml", "model_preset", "parse_override_args", "read_run_folder_config", "save_yaml",
     "to_dict",

@@ -197,6 +197,10 @@ def read_run_folder_config(run_dir: str | Path) -> RunConfig:
     if not cfg_file.is_file():
         raise CheckpointError(f"{run_dir}: no config.yaml (not an llmkit run folder)")
     values = load_yaml(cfg_file)
+    if "kd" in values:  # a `llmkit distill` run
+        from llmkit.config.distill import DistillRunConfig
+
+        return build(DistillRunConfig, values)
     return build(FinetuneRunConfig if "finetune" in values else RunConfig, values)
 
 

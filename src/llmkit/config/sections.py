@@ -132,6 +132,11 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "smollm2-135m": dict(arch="llama", n_layer=30, n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536,
                          block_size=8192, vocab_size=49152, bias=False, tie_embeddings=True, norm_eps=1e-5,
                          rope_theta=100000.0, pad_vocab_multiple=1),
+    # A ~19 M student of SmolLM2 (its 49,152-token tokenizer, tied embeddings): `llmkit distill`'s draft model,
+    # small enough that a drafted token costs a small fraction of the teacher's.
+    "smollm2-draft": dict(arch="llama", n_layer=8, n_head=4, n_kv_head=2, n_embd=256, intermediate_size=768,
+                          block_size=512, vocab_size=49152, bias=False, tie_embeddings=True, norm_eps=1e-5,
+                          rope_theta=100000.0, dropout=0.0),
     # A small BERT for masked-LM pretraining from scratch on a CPU (configs/mlm-shakespeare.yaml).
     "bert-mini": dict(arch="bert", n_layer=4, n_head=4, n_embd=256, intermediate_size=1024, block_size=128,
                       norm_eps=1e-12, dropout=0.1, type_vocab_size=2),

@@ -7,14 +7,17 @@ padding is masked out of attention, so a padded row computes exactly what it wou
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from llmkit.data.tokenizer import Tokenizer
 from llmkit.errors import ConfigError
+from llmkit.infer.step import fast_forward
 from llmkit.infer.textstream import TextStream
 
 
@@ -60,6 +63,32 @@ class Generation:
     token_ids: list[int]  # the tokens of `text`: none past a stop string (the last may also hold its start)
     finish_reason: str  # "eos", "stop", "length"
     context_full: bool = False  # "length" came from the model's context window, before max_new_tokens
+    decode_seconds: float = 0.0  # wall time of the generation itself (prefill + decoding; loading excluded)
+    # Speculative decoding only (None without a draft): tokens drafted, drafted tokens the target accepted,
+    # target forward passes (prefill included).
+    drafted: int | None = None
+    accepted: int | None = None
+    target_forwards: int | None = None
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted / drafted: how often the draft guessed the target's token."""
+        if self.drafted is None or self.accepted is None:
+            return None
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_target_forward(self) -> float | None:
+        """New tokens per target forward pass: 1 for plain decoding; what speculation multiplies."""
+        return len(self.token_ids) / self.target_forwards if self.target_forwards else None
+
+
+class Speculator(Protocol):
+    """What `generate(draft=...)` hands decoding to (infer/speculative.Speculation). A protocol, so this module
+    need not import speculative.py, which builds on it."""
+
+    def run(self, model: torch.nn.Module, tokenizer: Tokenizer, prompts: list, encoded: list[list[int]],
+            cfg: SamplingConfig, on_text: Callable[[int, str], None] | None, eos: set[int]) -> list[Generation]: ...
 
 
 def process_logits(logits: Tensor, seen: Tensor | None, cfg: SamplingConfig) -> Tensor:
@@ -106,13 +135,16 @@ def generate(
     cfg: SamplingConfig,
     on_text: Callable[[int, str], None] | None = None,
     eos_ids: set[int] | None = None,
+    draft: Speculator | None = None,
 ) -> list[Generation]:
-    """Continue each prompt. `on_text(row, new_text)` streams text as soon as it decodes cleanly.
+    """Continue each prompt. `on_text(row, new_text)` streams text as soon as it decodes cleanly. With a `draft`
+    (infer/speculative.py) decoding is speculative: prompts run one at a time, greedy output is the same.
 
     Text prompts get BOS first when the tokenizer asks for it (`Tokenizer.add_bos`); id prompts are used as
     given. The context window bounds prompt + continuation: when it allows fewer than `max_new_tokens`, a
     generation that reaches it ends with finish_reason "length" and `context_full` set (the window does not slide).
     """
+    t0 = time.perf_counter()
     model.eval()
     device = next(model.parameters()).device
     mcfg = model.cfg
@@ -124,6 +156,8 @@ def generate(
         raise ConfigError(f"prompt is {L} tokens, the model's context is {mcfg.block_size}")
     new = min(cfg.max_new_tokens, mcfg.block_size - L)
     eos = eos_ids if eos_ids is not None else {tokenizer.eos_id}
+    if draft is not None:
+        return draft.run(model, tokenizer, prompts, encoded, cfg, on_text, eos)
     ids = torch.full((B, L), tokenizer.pad_id, dtype=torch.long)
     mask = torch.zeros((B, L + new), dtype=torch.long)
     for i, row in enumerate(encoded):
@@ -135,7 +169,8 @@ def generate(
     gen = new_generator(cfg, device)
 
     cache = model.new_cache(B, L + new)
-    out = model(ids, attention_mask_2d=mask[:, :L] if padded else None, cache=cache, logits_slice=slice(-1, None))
+    forward = fast_forward(model)
+    out = forward(ids, attention_mask_2d=mask[:, :L] if padded else None, cache=cache, logits_slice=slice(-1, None))
     # Tokens already present, for the repetition penalty; padding stands in as the row's last prompt token.
     seen = torch.where(mask[:, :L].bool(), ids, ids[:, -1:]) if cfg.repetition_penalty != 1.0 else None
     streams = [TextStream(tokenizer, cfg.stop) for _ in range(B)]
@@ -160,7 +195,7 @@ def generate(
         step_ids = nxt[:, None]  # (B, 1)
         if seen is not None:
             seen = torch.cat([seen, step_ids], dim=1)
-        out = model(step_ids, attention_mask_2d=mask[:, : L + t + 1] if padded else None, cache=cache)
+        out = forward(step_ids, attention_mask_2d=mask[:, : L + t + 1] if padded else None, cache=cache)
     results = []
     for i, stream in enumerate(streams):
         stream.finish()
@@ -170,5 +205,6 @@ def generate(
         prompt = prompts[i] if isinstance(prompts[i], str) else tokenizer.decode(encoded[i])
         results.append(Generation(prompt=prompt, text=stream.text, token_ids=stream.ids,
                                   finish_reason=finish[i] or "length",
-                                  context_full=not finish[i] and new < cfg.max_new_tokens))
+                                  context_full=not finish[i] and new < cfg.max_new_tokens,
+                                  decode_seconds=time.perf_counter() - t0))
     return results

@@ -174,6 +174,13 @@ class KVCache:
     def advance(self, t: int) -> None:
         self.pos += t
 
+    def rewind(self, pos: int) -> None:
+        """Forget everything from position `pos` on (speculative decoding drops rejected draft tokens); the
+        entries stay in memory and are overwritten by the next update."""
+        if not 0 <= pos <= self.pos:
+            raise ValueError(f"cannot rewind a KV cache at position {self.pos} to {pos}")
+        self.pos = pos
+
     def select(self, rows: Tensor) -> None:
         """Keep only the batch rows in `rows` (drop finished sequences from a batch)."""
         self.k, self.v = self.k[:, rows], self.v[:, rows]
@@ -211,12 +218,16 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, Tk, hs)
-        if nkv != nh:  # grouped-query: each kv head serves nh // nkv query heads
+        # Grouped-query: each kv head serves nh // nkv query heads. Decoding (a cache) lets SDPA share the heads
+        # (`enable_gqa`: the same numbers, without copying the whole cache twice per layer and token); training
+        # and the weights path expand them.
+        gqa = nkv != nh and cache is not None and not need_weights
+        if nkv != nh and not gqa:
             k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, Tk, hs)
             v = v.repeat_interleave(nh // nkv, dim=1)
         # Without a mask, queries are causal only when they see exactly their own keys (training, first prefill);
         # a single decode query attends to everything cached.
-        is_causal = mask is None and self.causal and T == k.shape[2] and T > 1
+        is_causal = mask is None and self.causal and T > 1 and T == k.shape[2]  # T > 1 first: no SymBool in a step
         dropout = self.attn_dropout if self.training else 0.0
         weights = None
         if need_weights:
@@ -228,7 +239,8 @@ class Attention(nn.Module):
             weights = F.softmax(att, dim=-1, dtype=torch.float32).to(q.dtype)
             y = F.dropout(weights, dropout, self.training) @ v  # (B, nh, T, hs)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
+                                               enable_gqa=gqa)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, C)
         return self.resid_dropout(self.proj(y)), weights
 

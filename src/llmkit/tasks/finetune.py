@@ -22,6 +22,7 @@ from torch import nn
 from llmkit.config import FinetuneRunConfig, apply_overrides, build, coerce, load_yaml, save_yaml
 from llmkit.data.batches import LabelledBatches, fixed_batches
 from llmkit.data.labelled import label_set, load_examples, split
+from llmkit.data.tokenizer import Tokenizer
 from llmkit.data.wordpiece import encode_texts
 from llmkit.errors import ConfigError
 from llmkit.files import atomic_write_text
@@ -60,16 +61,30 @@ def finetune_config(config_file: str | Path | None, overrides: dict[str, Any]) -
     return cfg
 
 
-def _lora(model: Classifier, cfg: FinetuneRunConfig) -> nn.Module:
+def write_classifier_folder(model: nn.Module, cfg: FinetuneRunConfig, tok: Tokenizer, out: Path) -> nn.Module:
+    """What `llmkit classify` loads: config.yaml (class names, pooling, max length), tokenizer/ and
+    model.safetensors with any LoRA adapters merged in, so loading needs no peft. Shared with `llmkit federated`;
+    returns the plain classifier."""
+    save_yaml(cfg, out / "config.yaml")
+    tok.save(out / "tokenizer")
+    plain = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model  # type: ignore[operator]
+    save_weights(plain, out / "model.safetensors")
+    return plain
+
+
+def add_lora(model: nn.Module, cfg: FinetuneRunConfig) -> nn.Module:
+    """LoRA adapters (peft) on a Classifier's backbone, its head trained in full; or on a bare decoder
+    (federated --task lm)."""
     from peft import LoraConfig, get_peft_model
 
     ft = cfg.finetune
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.backbone.named_modules()}
+    names = {n.rsplit(".", 1)[-1] for n, _ in getattr(model, "backbone", model).named_modules()}
     missing = [t for t in ft.lora_targets if t not in names]
     if missing or not ft.lora_targets:
         raise ConfigError(f"finetune.lora_targets: {missing or '[]'} name no module of the backbone "
                           "(valid: qkv, proj, fc)")
-    save = ["classifier", "pooler"] if model.pooling == "cls" else ["classifier"]
+    pooling = getattr(model, "pooling", None)
+    save = None if pooling is None else ["classifier", "pooler"] if pooling == "cls" else ["classifier"]
     return get_peft_model(model, LoraConfig(r=ft.lora_r, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout,
                                             target_modules=list(ft.lora_targets), modules_to_save=save))
 
@@ -100,7 +115,7 @@ def finetune(cfg: FinetuneRunConfig, out_dir: str | Path, resume: bool = False, 
     model: nn.Module = Classifier(bb.model, len(ft.labels), ft.pooling)
     plain = model
     if ft.lora:
-        model = _lora(plain, cfg)
+        model = add_lora(plain, cfg)
 
     tok = bb.tokenizer
     ids = {k: encode_texts(tok, v.texts, ft.max_length) for k, v in splits.items()}
@@ -130,8 +145,7 @@ def finetune(cfg: FinetuneRunConfig, out_dir: str | Path, resume: bool = False, 
     load_into(model, load_weights(out / "model.safetensors"), out / "model.safetensors")  # the best evaluation
     if ft.lora:
         model.save_pretrained(str(out / "adapter"))  # type: ignore[operator]
-        plain = model.merge_and_unload()  # type: ignore[operator]
-        save_weights(plain, out / "model.safetensors")
+        plain = write_classifier_folder(model, cfg, tok, out)
     t1 = time.perf_counter()
     report = evaluate_classifier(plain, tok, splits["test"], ft.labels, ft.max_length, batch_size=2 * B)
     report.update(base=ft.base, data=cfg.data.path, lora=ft.lora, pooling=ft.pooling, steps=result.step,

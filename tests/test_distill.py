@@ -1,0 +1,200 @@
+"""Knowledge distillation: the divergences, the mixing weight, the top-k cache, the padded-vocabulary trap, a
+student pulled towards its teacher through the CLI, and bad input refused before anything is written."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_model_config
+from llmkit.cli.main import main
+from llmkit.config import ModelConfig, RunConfig, save_yaml
+from llmkit.data.tokenizer import Tokenizer
+from llmkit.model import build_model
+from llmkit.model.weights import save_weights
+from llmkit.train.distill import Distill, TopKCache, divergence
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def direct(kind: str, t: torch.Tensor, s: torch.Tensor, T: float) -> torch.Tensor:
+    """The textbook formulas on probabilities, in float64."""
+    p, q = torch.softmax(t.double() / T, -1), torch.softmax(s.double() / T, -1)
+    kl = lambda a, b: (a * (a / b).log()).sum(-1)  # noqa: E731
+    if kind == "forward_kl":
+        return kl(p, q)
+    if kind == "reverse_kl":
+        return kl(q, p)
+    m = (p + q) / 2
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+@pytest.mark.parametrize("T", [0.5, 1.0, 3.0])
+def test_divergences_equal_a_direct_computation(kind, T):
+    t, s = torch.randn(6, 11) * 3, torch.randn(6, 11) * 3
+    got = divergence(kind, torch.log_softmax(t / T, -1), torch.log_softmax(s / T, -1))
+    torch.testing.assert_close(got.double(), direct(kind, t, s, T), rtol=1e-5, atol=1e-6)
+    assert (got >= -1e-6).all()
+    assert divergence(kind, torch.log_softmax(t, -1), torch.log_softmax(t, -1)).abs().max() < 1e-6
+
+
+def pair(V: int = 500) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A teacher whose table is exact (V rows) and a student whose table is padded to 512: different padded sizes,
+    one tokenizer (the trap where kl_div fails to broadcast, or padding rows get scored)."""
+    teacher = build_model(tiny_model_config("llama", vocab_size=V, pad_vocab_multiple=1, n_layer=2))
+    student = build_model(tiny_model_config("llama", vocab_size=V, pad_vocab_multiple=64, n_layer=1, n_embd=16))
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(20)  # a peaked teacher: far from a fresh student
+    return teacher, student
+
+
+def batch(V: int = 500, B: int = 3, T: int = 20) -> dict[str, torch.Tensor]:
+    x = torch.randint(0, V, (B, T + 1))
+    return {"input_ids": x[:, :-1], "labels": x[:, 1:], "window": torch.arange(B)}
+
+
+def test_alpha_zero_is_plain_cross_entropy_and_padding_is_never_scored():
+    teacher, student = pair()
+    b = batch()
+    loss, metrics = Distill(teacher.train(), 500, "forward_kl", 2.0, alpha=0.0)(student.train(), b)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())  # it never trains
+    torch.testing.assert_close(loss, student(b["input_ids"], labels=b["labels"]).loss, rtol=1e-5, atol=1e-6)
+    assert metrics["kd"] > 0.1  # measured even when it does not count
+    full = Distill(teacher, 500, "jsd", 2.0, alpha=0.7)(student, b)[0]
+    with torch.no_grad():  # padding rows of the student's table: huge logits there must change nothing
+        student.lm_head.weight[500:] = 1e3
+    torch.testing.assert_close(Distill(teacher, 500, "jsd", 2.0, alpha=0.7)(student, b)[0], full)
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_cached_top_k_with_k_equal_to_the_vocabulary_is_the_on_the_fly_loss(tmp_path, kind):
+    teacher, student = pair()
+    b = batch()
+    fly_loss, fly = Distill(teacher, 500, kind, 2.0, 0.5)(student.train(), b)
+    fly_loss.backward()
+    fly_grad = student.blocks[0].mlp.fc.weight.grad.clone()
+    student.zero_grad()
+    cache = TopKCache(tmp_path / "c", windows=3, T=20, k=500, identity={"teacher": "t"})
+    obj = Distill(teacher, 500, kind, 2.0, 0.5, cache)
+    first, m1 = obj(student, b)
+    assert (cache.hits, cache.misses) == (0, 3)
+    second, m2 = obj(student, b)  # read back from the cache: no teacher forward
+    assert (cache.hits, cache.misses) == (3, 3)
+    second.backward()
+    # fp16 values in the cache: equal to the on-the-fly loss within fp16 rounding of the logits
+    torch.testing.assert_close(m1["kd"], fly["kd"], rtol=2e-3, atol=2e-4)
+    torch.testing.assert_close(second, first)
+    torch.testing.assert_close(second, fly_loss, rtol=2e-3, atol=2e-4)
+    torch.testing.assert_close(student.blocks[0].mlp.fc.weight.grad, fly_grad, rtol=5e-2, atol=1e-4)
+
+
+def test_cache_made_for_another_run_is_refused(tmp_path):
+    TopKCache(tmp_path / "c", windows=3, T=20, k=8, identity={"teacher": "a"})
+    with pytest.raises(Exception, match="made for another run .*teacher 'a' here vs 'b' now"):
+        TopKCache(tmp_path / "c", windows=3, T=20, k=8, identity={"teacher": "b"})
+
+
+# --------------------------------------------------------------------------------------------- through the CLI
+
+
+def write_run(folder: Path, cfg: ModelConfig, tokenizer_dir: Path, scale: float = 1.0) -> Path:
+    """A model run folder (config.yaml + model.safetensors + tokenizer/) that every verb loads."""
+    torch.manual_seed(1)
+    model = build_model(cfg)
+    if scale != 1.0 and hasattr(model, "lm_head"):
+        with torch.no_grad():
+            model.lm_head.weight.mul_(scale)
+    folder.mkdir(parents=True)
+    save_yaml(RunConfig(model=cfg), folder / "config.yaml")
+    save_weights(model, folder / "model.safetensors")
+    Tokenizer.load(tokenizer_dir).save(folder / "tokenizer")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory, tokenizer_dir) -> Path:
+    V = Tokenizer.load(tokenizer_dir).vocab_size
+    cfg = tiny_model_config("llama", vocab_size=V, n_layer=2, n_embd=32, block_size=64)
+    return write_run(tmp_path_factory.mktemp("teacher") / "t", cfg, tokenizer_dir, scale=8.0)
+
+
+def student_yaml(tmp_path: Path) -> Path:
+    path = tmp_path / "student.yaml"
+    path.write_text("model:\n  arch: llama\n  n_layer: 1\n  n_head: 2\n  n_kv_head: 1\n  n_embd: 16\n"
+                    "  block_size: 32\n  tie_embeddings: true\n  bias: false\n")
+    return path
+
+
+def kl_to_teacher(student: torch.nn.Module, teacher: torch.nn.Module, data_dir: Path, V: int) -> float:
+    from llmkit.data.batches import TokenBatches
+
+    b = TokenBatches(data_dir, "val", 32, 8, seed=0).fixed(1)[0]
+    with torch.no_grad():
+        t = teacher(b["input_ids"]).logits[..., :V]
+        s = student.eval()(b["input_ids"]).logits[..., :V]
+    return float(divergence("forward_kl", torch.log_softmax(t, -1), torch.log_softmax(s, -1)).mean())
+
+
+@pytest.mark.slow
+def test_distilled_student_moves_towards_its_teacher(capsys, tmp_path, teacher_run, data_dir):
+    from llmkit.infer.load import load_model
+
+    out = tmp_path / "run"
+    code = main(["distill", "--teacher", str(teacher_run), "--student", str(student_yaml(tmp_path)), "--data",
+                 str(data_dir), "--out", str(out), "--max-steps", "30", "--kd.alpha", "1", "--kd.temperature", "1",
+                 "--train.lr", "1e-2", "--train.warmup_steps", "2", "--train.eval_interval", "0", "--data.batch_size",
+                 "8", "--train.dtype", "float32", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    teacher, done = load_model(teacher_run), load_model(out)  # the run folder loads like any model
+    V = teacher.cfg.vocab_size
+    torch.manual_seed(1337)  # train.seed: the student the run started from
+    start = build_model(done.cfg)
+    before, after = kl_to_teacher(start, teacher.model, data_dir, V), kl_to_teacher(done.model, teacher.model,
+                                                                                      data_dir, V)
+    assert after < 0.7 * before, (before, after)
+    assert (out / "tokenizer" / "tokenizer.json").is_file() and (out / "metrics.jsonl").is_file()
+    assert "kd:" in (out / "config.yaml").read_text()
+
+
+def other_tokenizer(tmp_path: Path, corpus_file: Path, vocab_size: int) -> Path:
+    text = corpus_file.read_text()[::-1]  # other text: other merges, other pieces
+    return Tokenizer.train_bpe([text], vocab_size=vocab_size).save(tmp_path / f"tok{vocab_size}")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("size", "has a 400-token vocabulary but student"),
+    ("pieces", "different tokenizers"),
+    ("encoder", "this verb needs a text generator"),
+    ("temperature", "kd.temperature: must be a positive number"),
+    ("alpha", "kd.alpha: must be in [0, 1]"),
+    ("loss", "kd.loss: must be one of forward_kl, reverse_kl, jsd"),
+    ("top_k", "kd.cache_top_k: must be at most the vocabulary size"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, case, message, teacher_run, data_dir,
+                                                  tokenizer_dir, corpus_file):
+    V = Tokenizer.load(tokenizer_dir).vocab_size
+    teacher, extra = teacher_run, []
+    if case in ("size", "pieces"):
+        tok = other_tokenizer(tmp_path, corpus_file, 400 if case == "size" else V)
+        assert Tokenizer.load(tok).vocab_size == (400 if case == "size" else V)
+        teacher = write_run(tmp_path / "t2", tiny_model_config("llama", vocab_size=Tokenizer.load(tok).vocab_size),
+                            tok)
+    elif case == "encoder":
+        teacher = write_run(tmp_path / "bert", tiny_model_config("bert", vocab_size=V), tokenizer_dir)
+    else:
+        extra = {"temperature": ["--kd.temperature", "0"], "alpha": ["--kd.alpha", "1.5"],
+                 "loss": ["--kd.loss", "kl"], "top_k": ["--kd.cache-top-k", str(V + 1)]}[case]
+    out = tmp_path / "out"
+    code = main(["distill", "--teacher", str(teacher), "--student", str(student_yaml(tmp_path)), "--data",
+                 str(data_dir), "--out", str(out), "--max-steps", "2", "--quiet", *extra])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    if case == "size":
+        assert str(teacher) in lines[0] and f"{V:,}" in lines[0]
+    assert not out.exists()
+    shutil.rmtree(tmp_path, ignore_errors=True)
