@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +22,7 @@ from llmkit.files import atomic_write_text
 from llmkit.model.weights import save_weights
 from llmkit.plots import pyplot, save_figure
 from llmkit.tasks.finetune import write_classifier_folder
+from llmkit.train.checkpoint import remove_outputs
 
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord
@@ -46,12 +46,7 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
 
 
 def clear_out_dir(out: Path) -> None:
-    for name in OUTPUTS:
-        path = out / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
+    remove_outputs(out, OUTPUTS)
 
 
 class Recorder:

@@ -43,6 +43,16 @@ SLOW_WRITE_ENV = "LLMKIT_FAULT_SLOW_WRITE_S"
 _STEP_NAME = re.compile(r"step_(\d+)")
 
 
+def remove_outputs(run_dir: Path, names: tuple[str, ...]) -> None:
+    """--overwrite: remove what a run of this kind writes (files, folders, links), nothing else in the folder."""
+    for name in names:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
 def start_run_folder(run_dir: str | Path, resume: bool, overwrite: bool) -> None:
     """Refuse to mix a fresh run into an earlier one; clear what a killed run left half-written.
 
@@ -58,12 +68,7 @@ def start_run_folder(run_dir: str | Path, resume: bool, overwrite: bool) -> None
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if overwrite:
-        for name in RUN_OUTPUTS:
-            path = run_dir / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
+        remove_outputs(run_dir, RUN_OUTPUTS)
     remove_leftovers(run_dir)
     remove_leftovers(run_dir / "checkpoints", also=".step_*")  # `.step_*`: temp folders of older llmkit versions
 
