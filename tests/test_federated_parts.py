@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from conftest import tiny_model_config
-from llmkit.config import ModelConfig, RunConfig, TrainConfig, save_yaml
+from helpers_classify import save_run, synthetic, tiny_bert_run, write_csv
 from llmkit.data.tokenizer import Tokenizer
-from llmkit.data.wordpiece import train_wordpiece
 from llmkit.errors import CheckpointError, ConfigError, DataError
 from llmkit.federated.client import (
     build_model,
@@ -27,13 +26,6 @@ from llmkit.federated.data import load_federated_data
 from llmkit.federated.partition import partition
 from llmkit.federated.privacy import add_gaussian_noise, clip_update, epsilon_spent, noise_for_epsilon, update_norm
 from llmkit.infer.load import load_model
-from llmkit.model import build_model as build_backbone
-from llmkit.model.weights import save_weights
-
-POS = "good great wonderful superb moving delightful brilliant".split()
-NEG = "bad awful terrible dull boring tedious lifeless".split()
-FILLER = "the film a story with an actor and plot it was this movie its scenes".split()
-
 
 # --------------------------------------------------------------------------------------------- partitions
 
@@ -164,33 +156,10 @@ def test_noise_for_epsilon_round_trips():
 # --------------------------------------------------------------------------------------------- data and clients
 
 
-def _synthetic_csv(path, n=240):
-    rng = random.Random(0)
-    lines = ["text,label"]
-    for i in range(n):
-        label = "pos" if i % 2 else "neg"
-        words = rng.sample(FILLER, 5) + [rng.choice(POS if label == "pos" else NEG)]
-        rng.shuffle(words)
-        lines.append(f"{' '.join(words)},{label}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _save_run(path, cfg: ModelConfig, tok: Tokenizer, objective: str):
-    torch.manual_seed(0)
-    path.mkdir(parents=True)
-    save_yaml(RunConfig(model=cfg, train=TrainConfig(objective=objective)), path / "config.yaml")
-    save_weights(build_backbone(cfg), path / "model.safetensors")
-    tok.save(path / "tokenizer")
-    return path
-
-
 @pytest.fixture(scope="module")
 def cls_setup(tmp_path_factory, corpus_file):
     root = tmp_path_factory.mktemp("fedcls")
-    tok = train_wordpiece([corpus_file.read_text()[:50_000], " ".join(POS + NEG + FILLER)], vocab_size=300)
-    cfg = ModelConfig(arch="bert", vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32)
-    return _save_run(root / "bert", cfg, tok, "mlm"), _synthetic_csv(root / "reviews.csv")
+    return tiny_bert_run(root / "bert", corpus_file), write_csv(root / "reviews.csv", synthetic(240))
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +170,7 @@ def lm_setup(tmp_path_factory, corpus_file, tokenizer_dir):
     text = corpus_file.read_text()
     for d, size in enumerate((12_000, 9_000, 7_000, 5_000, 4_000, 3_000)):  # six "plays" of different sizes
         (docs / f"play{d}.txt").write_text(text[d * 12_000: d * 12_000 + size])
-    return _save_run(root / "gpt", tiny_model_config(), Tokenizer.load(tokenizer_dir), "causal_lm"), docs
+    return save_run(root / "gpt", tiny_model_config(), Tokenizer.load(tokenizer_dir), "causal_lm"), docs
 
 
 def _cfg(base, data, **kw):
