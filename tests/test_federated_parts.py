@@ -139,6 +139,41 @@ def test_accountant_is_opacus_rdp_and_grows_with_rounds():
     assert epsilon_spent(2.0, 0.3, 20, 1e-3) < epsilon_spent(1.1, 0.3, 20, 1e-3)  # more noise, less spent
 
 
+@pytest.mark.slow  # importing opacus takes ~6 s
+def test_example_level_dp_clips_every_example_and_plans_the_noise():
+    """Per-example DP-SGD as a client runs it: with no noise and SGD at lr 1, one step moves the weights by the
+    mean of the clipped per-example gradients, so by at most `clip` (plain SGD moves them by far more); the hooks
+    come off afterwards; the planned noise spends at most epsilon over the planned steps."""
+    from llmkit.federated.privacy import ExamplePrivacy, detach
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    x, y = torch.randn(6, 8) * 10, torch.tensor([0, 1, 0, 1, 1, 0])
+    start = [p.detach().clone() for p in model.parameters()]
+
+    def moved() -> float:
+        return float(sum((p.detach() - s).pow(2).sum() for p, s in zip(model.parameters(), start)) ** 0.5)
+
+    plain = torch.optim.SGD(model.parameters(), lr=1.0)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    plain.step()
+    free = moved()
+    with torch.no_grad():
+        for p, s in zip(model.parameters(), start):
+            p.copy_(s)
+    priv = ExamplePrivacy(0.0, 1e-3, 1e-9, 0.05, 6, 60, 10)
+    net, wrap = priv.attach(model, seed=0)
+    opt = wrap(torch.optim.SGD(net.parameters(), lr=1.0))
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    opt.step()
+    detach(net)
+    assert moved() <= 0.05 + 1e-6 < 0.5 < free, (moved(), free)
+    assert not model._forward_hooks and not any(m._forward_hooks for m in model.modules())
+    plan = ExamplePrivacy(8.0, 1e-3, 0.0, 1.0, 32, 800, 40)
+    plan.steps = 40
+    assert plan.rate == 0.04 and 7.9 <= plan.epsilon() <= 8.0
+
+
 def test_noise_for_epsilon_round_trips():
     z = noise_for_epsilon(8.0, 0.1, 1.0, 10)
     assert 7.98 <= epsilon_spent(z, 1.0, 10, 0.1) <= 8.0

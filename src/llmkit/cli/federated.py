@@ -15,6 +15,7 @@ FLAGS: tuple[tuple[str, str], ...] = (
     ("local_epochs", "federated.local_epochs"), ("split", "federated.split"), ("alpha", "federated.alpha"),
     ("strategy", "federated.strategy"), ("mu", "federated.mu"), ("noise_multiplier", "federated.noise_multiplier"),
     ("clip", "federated.clip"), ("epsilon", "federated.epsilon"), ("delta", "federated.delta"),
+    ("dp_level", "federated.dp_level"),
     ("engine", "federated.engine"), ("seed", "federated.seed"))
 
 
@@ -78,12 +79,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                                      "mu/2*||w - w_global||^2)")
     p.add_argument("--mu", type=float, help="FedProx proximal weight")
     p.add_argument("--lora", action="store_true", help="train and exchange LoRA adapters + the head only")
-    p.add_argument("--dp", action="store_true", help="differential privacy: server-side clipping of each client's "
-                                                     "update + Gaussian noise; epsilon reported per round")
+    p.add_argument("--dp", action="store_true", help="differential privacy (opacus accountant; epsilon reported "
+                                                     "per round); see --dp-level")
+    p.add_argument("--dp-level", choices=["example", "client"], help="what DP protects: `example` (default; "
+                   "per-example DP-SGD in each client, use with --lora) or `client` (a data owner's whole update, "
+                   "clipped and noised on the server: DP-FedAvg)")
     p.add_argument("--noise-multiplier", type=float, help="DP noise std / clip (or give --epsilon)")
-    p.add_argument("--clip", type=float, help="DP: largest L2 norm of one client's update")
+    p.add_argument("--clip", type=float, help="DP: largest L2 norm of one example's gradient (example) or one "
+                                              "client's update (client)")
     p.add_argument("--epsilon", type=float, help="DP budget over all rounds: picks the noise multiplier")
-    p.add_argument("--delta", type=float, help="DP delta (default 1 / clients)")
+    p.add_argument("--delta", type=float, help="DP delta (default 1 / a client's examples, or 1 / clients for "
+                                               "--dp-level client)")
     p.add_argument("--engine", choices=["local", "simulation"], help="how one machine runs the clients "
                                                                      "(federated.engine)")
     p.add_argument("--seed", type=int, help="seed of the split, client sampling and DP noise (federated.seed)")

@@ -31,16 +31,23 @@ from flwr.serverapp import Grid, ServerApp
 
 from llmkit.config import build, to_dict
 from llmkit.errors import ConfigError, DataError
-from llmkit.federated.client import build_model, evaluate_global, load_trainable, local_update, trainable_state
+from llmkit.federated.client import (
+    build_model,
+    evaluate_global,
+    load_trainable,
+    local_steps,
+    local_update,
+    trainable_state,
+)
 from llmkit.federated.config import FederatedRunConfig
-from llmkit.federated.data import FederatedData, load_federated_data
-from llmkit.federated.privacy import epsilon_spent, noise_for_epsilon
+from llmkit.federated.data import FederatedData, Shard, load_federated_data
+from llmkit.federated.privacy import ExamplePrivacy, epsilon_spent, noise_for_epsilon
 from llmkit.federated.record import Recorder
 from llmkit.infer.load import load_model
 
-REPLY_METRICS = {"num-examples", "unit-weight", "train_loss"}
+REPLY_METRICS = {"num-examples", "unit-weight", "train_loss", "epsilon"}
 """The only figures a client's reply may carry: how many examples it trained on (FedAvg's weight), a constant 1
-(the uniform weight DP needs) and its mean training loss."""
+(the uniform weight client-level DP needs), its mean training loss and (per-example DP) the ε it has spent."""
 
 
 def recipe_text(cfg: FederatedRunConfig) -> str:
@@ -70,13 +77,22 @@ def _recipe(context: Context) -> FederatedRunConfig:
 
 
 def resolve_noise(cfg: FederatedRunConfig) -> float:
-    """The DP noise multiplier: the one given, or the smallest that spends at most epsilon over the rounds."""
+    """Client-level DP's noise multiplier: the one given, or the smallest that spends at most epsilon over the
+    rounds (0 without DP or with per-example DP, whose clients choose their own: `example_privacy`)."""
     fed = cfg.federated
-    if not fed.dp:
+    if not fed.dp or fed.dp_level == "example":
         return 0.0
     if fed.noise_multiplier > 0:
         return fed.noise_multiplier
     return noise_for_epsilon(fed.epsilon, fed.dp_delta, fed.clients_per_round / fed.clients, fed.rounds)
+
+
+def example_privacy(cfg: FederatedRunConfig, shard: Shard) -> ExamplePrivacy:
+    """A client's per-example DP-SGD plan: its own shard size sets the sample rate (and δ = 1/examples unless
+    --delta), the recipe's rounds x local steps bound the steps it may take."""
+    fed = cfg.federated
+    return ExamplePrivacy(fed.epsilon, fed.delta, fed.noise_multiplier, fed.clip, cfg.data.batch_size,
+                          shard.n_examples, fed.rounds * local_steps(cfg, shard))
 
 
 # --------------------------------------------------------------------------------------------- client side
@@ -90,6 +106,7 @@ class ClientSide:
     data: FederatedData
     model: torch.nn.Module
     workdir: tempfile.TemporaryDirectory = field(default_factory=tempfile.TemporaryDirectory)
+    privacy: dict[int, ExamplePrivacy] = field(default_factory=dict)  # per partition: its accountant
 
 
 _CLIENTS: dict[tuple[str, str], ClientSide] = {}
@@ -126,11 +143,16 @@ def client_train(msg: Message, context: Context) -> Message:
     if "proximal-mu" in config:  # FedProx: Flower's strategy sends mu; the client adds the proximal term
         cfg.federated.strategy, cfg.federated.mu = "fedprox", float(config["proximal-mu"])  # type: ignore[arg-type]
     shard = side.data.clients[partition]
+    privacy = None
+    if cfg.federated.dp and cfg.federated.dp_level == "example":
+        privacy = side.privacy.setdefault(partition, example_privacy(cfg, shard))
     state, metrics = local_update(side.model, shard, cfg, msg.content["arrays"].to_torch_state_dict(),
-                                  int(config["server-round"]), Path(side.workdir.name))  # type: ignore[arg-type]
+                                  int(config["server-round"]), Path(side.workdir.name), privacy)  # type: ignore
+    figures = {"num-examples": int(shard.n_examples), "unit-weight": 1, "train_loss": float(metrics["train_loss"])}
+    if privacy is not None:
+        figures["epsilon"] = privacy.epsilon()
     reply = RecordDict({"arrays": ArrayRecord({k: v.detach().cpu().contiguous() for k, v in state.items()}),
-                        "metrics": MetricRecord({"num-examples": int(shard.n_examples), "unit-weight": 1,
-                                                 "train_loss": float(metrics["train_loss"])})})
+                        "metrics": MetricRecord(figures)})
     return Message(reply, reply_to=msg)
 
 
@@ -165,6 +187,7 @@ class CountingGrid(Grid):
         self.inner = grid
         self.expected: dict[str, tuple[tuple[int, ...], str]] = {}
         self.round: dict[str, float] = {}
+        self.epsilon = 0.0  # per-example DP: the most any client reports having spent so far
 
     def set_run(self, run: Any) -> None:
         self.inner.set_run(run)
@@ -198,6 +221,9 @@ class CountingGrid(Grid):
                        for r in ok) / max(n, 1.0)  # type: ignore[arg-type]
             self.round = {"clients": len(ok), "train_loss": loss, "bytes_down": down,
                           "bytes_up": train_messages_bytes(ok)}
+            spent = [float(r.content["metrics"]["epsilon"]) for r in ok  # type: ignore[arg-type]
+                     if "epsilon" in r.content["metrics"]]
+            self.epsilon = max([self.epsilon, *spent])
         failed = [r.error.reason for r in replies if r.has_error()]
         if failed:
             raise DataError(f"{len(failed)} client(s) failed this round: {failed[0]}")
@@ -206,17 +232,18 @@ class CountingGrid(Grid):
 
 def make_strategy(cfg: FederatedRunConfig, noise: float) -> Any:
     """FedAvg or FedProx sampling `clients_per_round` nodes, inside Flower's server-side fixed-clipping DP wrapper
-    with --dp. With DP every client weighs the same (`unit-weight`): the noise std z*C/m assumes each clipped
-    update moves the average by at most C/m."""
+    with client-level DP (per-example DP happens in the clients). With it every client weighs the same
+    (`unit-weight`): the noise std z*C/m assumes each clipped update moves the average by at most C/m."""
     from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, FedProx
 
     fed = cfg.federated
+    client_dp = fed.dp and fed.dp_level == "client"
     kw: dict[str, Any] = dict(fraction_train=fed.clients_per_round / fed.clients, fraction_evaluate=0.0,
                               min_train_nodes=fed.clients_per_round, min_evaluate_nodes=0,
                               min_available_nodes=fed.clients,
-                              weighted_by_key="unit-weight" if fed.dp else "num-examples")
+                              weighted_by_key="unit-weight" if client_dp else "num-examples")
     strategy = FedProx(proximal_mu=fed.mu, **kw) if fed.strategy == "fedprox" else FedAvg(**kw)
-    if fed.dp:
+    if client_dp:
         strategy = DifferentialPrivacyServerSideFixedClipping(strategy, noise, fed.clip, fed.clients_per_round)
     return strategy
 
@@ -229,7 +256,8 @@ class ServerSide:
     cfg: FederatedRunConfig
     model: torch.nn.Module
     data: FederatedData
-    noise: float
+    noise: float  # the DP noise multiplier (per-example DP: the largest any client uses)
+    delta: float  # the δ epsilon is reported for (per-example DP: the weakest client's)
 
     @classmethod
     def prepare(cls, cfg: FederatedRunConfig) -> ServerSide:
@@ -240,8 +268,13 @@ class ServerSide:
         cfg.model = base.cfg
         cfg.finetune.max_length = min(cfg.finetune.max_length, base.cfg.block_size)
         data = load_federated_data(cfg, base.tokenizer, cfg.finetune.max_length)
+        if cfg.federated.dp and cfg.federated.dp_level == "example":  # an unreachable epsilon fails here
+            plans = [example_privacy(cfg, shard) for shard in data.clients]
+            noise, delta = max(p.noise for p in plans), max(p.delta for p in plans)
+        else:
+            delta = cfg.federated.dp_delta
         data.clients = []  # the server keeps no client's data, not even in a simulation on one machine
-        return cls(cfg, build_model(cfg, base, data.labels).eval(), data, noise)
+        return cls(cfg, build_model(cfg, base, data.labels).eval(), data, noise, delta)
 
 
 def round_row(side: ServerSide, rnd: int, figures: dict[str, float], traffic: dict[str, float]) -> dict[str, Any]:
@@ -255,9 +288,11 @@ def round_row(side: ServerSide, rnd: int, figures: dict[str, float], traffic: di
         row["perplexity"] = figures["perplexity"]
     down, up = int(traffic.get("bytes_down", 0)), int(traffic.get("bytes_up", 0))
     row |= {"bytes_sent": down + up, "bytes_down": down, "bytes_up": up}
-    if fed.dp:
-        eps = epsilon_spent(side.noise, fed.clients_per_round / fed.clients, rnd, fed.dp_delta)
-        row |= {"epsilon": eps if math.isfinite(eps) else None, "delta": fed.dp_delta,
+    if fed.dp and fed.dp_level == "example":  # the clients' own accountants, the worst one
+        row |= {"epsilon": traffic.get("epsilon", 0.0), "delta": side.delta, "noise_multiplier": side.noise}
+    elif fed.dp:
+        eps = epsilon_spent(side.noise, fed.clients_per_round / fed.clients, rnd, side.delta)
+        row |= {"epsilon": eps if math.isfinite(eps) else None, "delta": side.delta,
                 "noise_multiplier": side.noise}
     return row
 
@@ -279,7 +314,7 @@ def serve(grid: Grid, side: ServerSide, out: Path, quiet: bool = True) -> list[d
     def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord:
         load_trainable(side.model, arrays.to_torch_state_dict())
         figures = evaluate_global(side.model, side.data, "val")
-        row = round_row(side, rnd, figures, counting.round if rnd else {})
+        row = round_row(side, rnd, figures, {**counting.round, "epsilon": counting.epsilon} if rnd else {})
         recorder.record(row, arrays)
         if rnd:
             bar.update(1)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from llmkit.errors import CheckpointError
 from llmkit.federated.data import FederatedData, Shard
+from llmkit.federated.privacy import ExamplePrivacy, detach
 from llmkit.infer.load import Loaded
 from llmkit.tasks.classify import Classifier, resolve_pooling
 from llmkit.tasks.finetune import add_lora
@@ -105,9 +106,11 @@ def local_steps(cfg: FederatedRunConfig, shard: Shard) -> int:
 
 
 def local_update(model: nn.Module, shard: Shard, cfg: FederatedRunConfig, global_state: dict[str, Tensor],
-                 round: int, workdir: Path) -> tuple[dict[str, Tensor], dict[str, float]]:
+                 round: int, workdir: Path, privacy: ExamplePrivacy | None = None
+                 ) -> tuple[dict[str, Tensor], dict[str, float]]:
     """Start from the global weights, train on this shard only, return the new trainable weights and
-    {train_loss (mean task loss of the local steps), examples (FedAvg's weight), steps}."""
+    {train_loss (mean task loss of the local steps), examples (FedAvg's weight), steps}. With `privacy` the
+    steps are per-example DP-SGD (opacus) and its accountant counts them."""
     load_trainable(model, global_state)
     steps = local_steps(cfg, shard)
     # A fresh optimiser each round (its state never leaves the client); no evaluation, checkpoints or time budget
@@ -119,12 +122,21 @@ def local_update(model: nn.Module, shard: Shard, cfg: FederatedRunConfig, global
     fed = cfg.federated
     inner: Objective = Classify() if fed.task == "classify" else CausalLM()
     objective = LocalObjective(inner, model, global_state, fed.mu if fed.strategy == "fedprox" else 0.0)
+    net, wrap = model, None
+    if privacy is not None:  # each example's gradient is clipped instead of the batch's
+        net, wrap = privacy.attach(model, seed)
+        tcfg = replace(tcfg, grad_clip=0.0)
     workdir.mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix=f"client{shard.client}-round{round}-", dir=workdir))
     try:
-        train(model, objective, tcfg, shard.batches(cfg.data.batch_size, seed), [], run_dir, quiet=True)
+        train(net, objective, tcfg, shard.batches(cfg.data.batch_size, seed), [], run_dir, quiet=True,
+              wrap_optimizer=wrap)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+        if privacy is not None:
+            detach(net)
+    if privacy is not None:
+        privacy.steps += steps
     return trainable_state(model), {"train_loss": objective.loss_sum / max(1, objective.calls),
                                     "examples": float(shard.n_examples), "steps": float(steps)}
 

@@ -19,6 +19,7 @@ from llmkit.errors import ConfigError
 TASKS = ("classify", "lm")
 SPLITS = ("iid", "dirichlet", "by-document")
 STRATEGIES = ("fedavg", "fedprox")
+DP_LEVELS = ("example", "client")
 ENGINES = ("local", "simulation")
 
 
@@ -57,17 +58,22 @@ class FederatedConfig:
     mu: float = 0.01
     """FedProx proximal weight (strategy fedprox only)."""
     dp: bool = False
-    """Differential privacy at the client level: the server clips each client's update to `clip` and adds
-    Gaussian noise (std noise_multiplier x clip / sampled clients) to their average; the accountant reports
-    epsilon."""
+    """Differential privacy (see dp_level); the accountant (opacus RDP) reports epsilon for delta every round."""
+    dp_level: str = "example"
+    """What DP protects. `example`: each client trains with per-example DP-SGD (opacus: every example's gradient
+    clipped to `clip`, Gaussian noise noise_multiplier x clip on the batch's sum) and accounts its own epsilon;
+    use it with --lora (per-example gradients of every weight are costly). `client`: the server clips each
+    client's whole update to `clip` and adds noise (std noise_multiplier x clip / sampled clients) to their
+    average (Flower's DP-FedAvg); it protects a data owner's whole shard but needs many clients per round."""
     noise_multiplier: float = 0.0
-    """DP noise std as a multiple of clip (0 = chosen from epsilon and delta for the planned rounds)."""
+    """DP noise std as a multiple of clip (0 = chosen from epsilon and delta for the planned rounds/steps)."""
     clip: float = 1.0
-    """DP: largest L2 norm of one client's update (global - local weights) the server lets through."""
+    """DP: largest L2 norm of one example's gradient (dp_level example) or of one client's update (client)."""
     epsilon: float = 0.0
     """DP privacy budget to spend over all rounds (used when noise_multiplier is 0)."""
     delta: float = 0.0
-    """DP delta (0 = 1 / number of clients, the data owners being the protected unit)."""
+    """DP delta (0 = 1 / the protected units: a client's examples for dp_level example, the clients for
+    client)."""
     seed: int = 0
     """Seed of the split, the client sampling and the DP noise."""
     engine: str = "local"
@@ -97,17 +103,21 @@ class FederatedConfig:
         _require(0 < self.clip < math.inf, "federated.clip", self.clip, "a positive number")
         _require(0 <= self.epsilon < math.inf, "federated.epsilon", self.epsilon, "a positive number")
         _require(0 <= self.delta < 1, "federated.delta", self.delta, "in [0, 1) (0 = 1 / clients)")
+        _require(self.dp_level in DP_LEVELS, "federated.dp_level", self.dp_level, f"one of {', '.join(DP_LEVELS)}")
         _require(self.engine in ENGINES, "federated.engine", self.engine, f"one of {', '.join(ENGINES)}")
         if self.dp and self.noise_multiplier == 0 and self.epsilon <= 0:
             raise ConfigError("federated.epsilon: --dp needs --epsilon > 0 (with --delta) or --noise-multiplier > 0, "
                               f"got epsilon {self.epsilon!r}")
+        if self.dp and self.dp_level == "example" and self.strategy == "fedprox":
+            raise ConfigError("federated.strategy: fedprox's proximal term is not a per-example loss, so it cannot "
+                              "run under --dp-level example; use fedavg, or --dp-level client")
         if self.split == "dirichlet" and self.task != "classify":
             raise ConfigError("federated.split: dirichlet splits over labels, so it needs --task classify "
                               "(use iid or by-document for lm)")
 
     @property
     def dp_delta(self) -> float:
-        """The delta the accountant reports epsilon for: the given one, or 1 / clients."""
+        """The delta of client-level DP: the given one, or 1 / clients."""
         return self.delta or 1.0 / self.clients
 
     @property

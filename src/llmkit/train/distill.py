@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -259,6 +260,44 @@ def check_same_tokenizer(teacher: str, t_vocab: int, t_tok: Tokenizer, student: 
                           f"different tokenizers (e.g. id {piece[1]} is {piece[0]!r} in one only): {fix}")
 
 
+def open_cache(cfg: DistillRunConfig, V: int, meta: dict[str, Any], windows: int, run_dir: Path) -> TopKCache:
+    """The top-k cache of this teacher over this data's training windows (kd.cache_dir, else in the run)."""
+    kd = cfg.kd
+    identity = {"teacher": str(kd.teacher), "teacher_dtype": kd.teacher_dtype, "vocab_size": V,
+                "data": str(Path(cfg.data.path).resolve()), "train_tokens": int(meta["splits"]["train"]["tokens"])}
+    return TopKCache(Path(kd.cache_dir) if kd.cache_dir else run_dir / "teacher-cache", windows,
+                     cfg.model.block_size, kd.cache_top_k, identity)
+
+
+def fill_cache(cfg: DistillRunConfig, quiet: bool = False) -> dict[str, float]:
+    """Run the teacher once over every training window into kd.cache_dir, as the first epoch would step by
+    step: later runs (a sweep of divergences and temperatures, a resumed run) then only read it. Returns
+    {windows, computed, seconds}."""
+    from tqdm.auto import tqdm
+
+    if not (cfg.kd.cache_top_k and cfg.kd.cache_dir):
+        raise ConfigError("kd.cache_top_k and kd.cache_dir: filling a teacher cache needs both (e.g. 64 and a "
+                          "folder)")
+    meta = load_meta(cfg.data.path)
+    teacher = load_teacher(cfg.kd.teacher, cfg.train.device, cfg.kd.teacher_dtype)
+    V = teacher.cfg.vocab_size
+    check_same_tokenizer(cfg.kd.teacher, V, teacher.tokenizer, "data", meta["vocab_size"],
+                         Tokenizer.load(Path(cfg.data.path) / meta.get("tokenizer", "tokenizer")),
+                         f"data {cfg.data.path}")
+    T, B = cfg.model.block_size, cfg.data.batch_size
+    batches = WindowBatches(cfg.data.path, "train", T, B, seed=cfg.data.seed)
+    cache = open_cache(cfg, V, meta, batches.windows, Path(cfg.kd.cache_dir))
+    objective = Distill(teacher.model, V, cfg.kd.loss, cfg.kd.temperature, cfg.kd.alpha, cache)
+    device = next(teacher.model.parameters()).device
+    t0, todo = time.perf_counter(), np.flatnonzero(cache.filled[:] == 0)
+    for i in tqdm(range(0, len(todo), B), desc="teacher cache", unit="batch", disable=quiet):
+        w = torch.from_numpy(todo[i:i + B])  # (b,) window indices
+        rows = np.stack([batches.data[s * T:s * T + T] for s in w.numpy()]).astype(np.int64)  # (b, T)
+        cache.store(w, objective.teacher_logits(torch.from_numpy(rows).to(device)))
+    cache.values.flush(), cache.ids.flush(), cache.filled.flush()
+    return {"windows": batches.windows, "computed": len(todo), "seconds": time.perf_counter() - t0}
+
+
 def distill(cfg: DistillRunConfig, run_dir: str | Path, resume: bool = False, quiet: bool = False,
             callbacks=(), overwrite: bool = False) -> TrainResult:
     """Train cfg.kd.student from cfg.kd.teacher on cfg.data into `run_dir`, a run folder every verb loads.
@@ -303,12 +342,7 @@ def distill(cfg: DistillRunConfig, run_dir: str | Path, resume: bool = False, qu
     run_dir.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, run_dir / "config.yaml")
     teacher.tokenizer.save(run_dir / "tokenizer")
-    cache = None
-    if kd.cache_top_k:
-        identity = {"teacher": str(kd.teacher), "teacher_dtype": kd.teacher_dtype, "vocab_size": V,
-                    "data": str(Path(cfg.data.path).resolve()), "train_tokens": int(meta["splits"]["train"]["tokens"])}
-        cache = TopKCache(Path(kd.cache_dir) if kd.cache_dir else run_dir / "teacher-cache",
-                          batches.windows, T, kd.cache_top_k, identity)  # type: ignore[attr-defined]
+    cache = open_cache(cfg, V, meta, batches.windows, run_dir) if kd.cache_top_k else None  # type: ignore
     objective = Distill(teacher.model, V, kd.loss, kd.temperature, kd.alpha, cache)
     split = meta["splits"]["val"]
 

@@ -93,10 +93,13 @@ def train(
     val_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None,
     callbacks: list[Callback] = (),
     quiet: bool = False,
+    wrap_optimizer: Callable[[torch.optim.Optimizer], torch.optim.Optimizer] | None = None,
 ) -> TrainResult:
     """Train `model` in place. `batches` must have state_dict()/load_state_dict() for exact resumption.
 
     `val_metrics` turns the mean validation loss into extra figures (perplexity, bits per byte).
+    `wrap_optimizer` replaces the optimiser the loop builds by a wrapper around it: per-example DP-SGD (opacus's
+    DPOptimizer clips each example's gradient and adds noise in `step`) plugs in here rather than in a second loop.
     """
     run_dir = Path(run_dir)
     device = resolve_device(cfg.device)
@@ -116,6 +119,8 @@ def train(
         load_into(model, weights, ckpt / "model.safetensors")
     net = par.wrap(model, compile=cfg.compile)  # on the device, compiled, DDP-wrapped or FSDP-sharded
     optimizer = make_optimizer(model, cfg, device)  # after sharding: FSDP replaces the parameters
+    if wrap_optimizer is not None:
+        optimizer = wrap_optimizer(optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16's range needs loss scaling
     if resume:
         par.load_optimizer_state(model, optimizer, state["optimizer"])
