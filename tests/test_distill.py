@@ -198,3 +198,49 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, case, messag
         assert str(teacher) in lines[0] and f"{V:,}" in lines[0]
     assert not out.exists()
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_top_k_forward_kl_counts_the_students_mass_outside_the_teachers_top_k():
+    """With a top-k cache, forward KL scores the student's full distribution at the teacher's k ids: a student
+    that puts mass on a token outside them pays for it (so distillation also pulls perplexity down), while the
+    renormalised divergences (reverse KL, JSD) cannot see that mass and stay equal."""
+    from llmkit.train.distill import kd_terms
+
+    t_vals, t_ids = torch.tensor([[2.0, 1.0]]), torch.tensor([[0, 1]])  # the teacher's top 2 of 6 ids
+    labels = torch.tensor([0])
+    tidy = torch.tensor([[2.0, 1.0, -5.0, -5.0, -5.0, -5.0]])
+    stray = torch.tensor([[2.0, 1.0, -5.0, -5.0, -5.0, 4.0]])  # same on ids 0, 1; much mass on id 5
+    fwd = [kd_terms(s, labels, t_vals, t_ids, "forward_kl", 1.0)[1].item() for s in (tidy, stray)]
+    assert fwd[0] < 0.01 < 1.0 < fwd[1], fwd
+    for kind in ("reverse_kl", "jsd"):
+        a, b = (kd_terms(s, labels, t_vals, t_ids, kind, 1.0)[1].item() for s in (tidy, stray))
+        assert a == pytest.approx(b, abs=1e-6) and a == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("top_k,temperature", [(None, 1.0), (None, 2.0), (7, 1.0), (7, 3.0)])
+def test_fused_forward_kl_equals_the_autograd_loss_and_gradients(top_k, temperature):
+    """model/loss.linear_forward_kl (gradient formed in the forward pass, chunked) against kd_terms through autograd:
+    the same loss, CE, KD and gradients for h and the head, with the full teacher and with its top k."""
+    from llmkit.model.loss import linear_forward_kl
+    from llmkit.train.distill import kd_terms
+
+    torch.manual_seed(0)
+    N, C, V, alpha = 150, 16, 40, 0.3  # N spans several chunks
+    h, w = torch.randn(N, C, requires_grad=True), torch.randn(V, C, requires_grad=True)
+    labels = torch.randint(0, V, (N,))
+    labels[::7] = -100
+    t_full = torch.randn(N, V) * 3
+    t_vals, t_ids = (t_full, None) if top_k is None else t_full.topk(top_k, dim=-1)
+    loss, ce, kd = linear_forward_kl(h, w, labels, t_vals, t_ids, temperature, alpha)
+    loss.backward()
+    g_fused = (h.grad.clone(), w.grad.clone())
+    h.grad = w.grad = None
+    ce_sum, kd_sum = kd_terms(h @ w.T, labels, t_vals, t_ids, "forward_kl", temperature)
+    n = (labels != -100).sum()
+    ref = (1 - alpha) * ce_sum / n + alpha * temperature ** 2 * kd_sum / n
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert ce.item() == pytest.approx((ce_sum / n).item(), rel=1e-5) and kd.item() == pytest.approx((kd_sum / n).item(),
+                                                                                                    rel=1e-4, abs=1e-6)
+    torch.testing.assert_close(g_fused[0], h.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(g_fused[1], w.grad, rtol=1e-4, atol=1e-6)

@@ -10,6 +10,7 @@ import time
 from llmkit.cli.common import MODEL_HELP, add_device_args, int_at_least
 from llmkit.config import add_dataclass_args, dataclass_from_args
 from llmkit.infer.generate import SamplingConfig
+from llmkit.text2text.cli import add_text2text_args
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -71,11 +72,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    if args.task == "text2text":
+        from llmkit.text2text.cli import cmd_eval_text2text
+
+        cmd_eval_text2text(args)
+        return
     from llmkit.infer.api import load
     from llmkit.infer.evaluate import evaluate_lm
 
     llm = load(args.model, device=args.device, dtype=args.dtype)
-    res = evaluate_lm(llm, args.data, split=args.split, batch_size=args.batch_size, quiet=args.quiet or args.json)
+    res = evaluate_lm(llm, args.data, split=args.split or "val", batch_size=args.batch_size,
+                      quiet=args.quiet or args.json)
     if args.json:
         print(json.dumps(res))
     else:
@@ -123,11 +130,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--json", action="store_true", help="one JSON object per prompt")
     g.set_defaults(fn=cmd_generate)
 
-    e = sub.add_parser("eval", help="loss, perplexity and bits per byte on a split or a text file")
+    e = sub.add_parser("eval", help="loss, perplexity and bits per byte on a split or a text file; with --task "
+                       "text2text, BLEU/chrF++/ROUGE of generated outputs on a pair corpus",
+                       description="--task lm (default): loss, perplexity and bits per byte of a language model on "
+                       "token shards or a text file. --task text2text: decode every pair of a split with an "
+                       "encoder-decoder or a decoder (chat prompt, as SFT trains), then score the outputs: BLEU and "
+                       "chrF++ (sacreBLEU, with signatures), ROUGE-1/2/L/Lsum (rouge-score), exact match; every "
+                       "prediction goes to predictions.jsonl.")
+    e.add_argument("--task", choices=("lm", "text2text"), default="lm",
+                   help="lm: score next-token prediction (default); text2text: generate and score outputs")
     e.add_argument("--model", required=True, help=MODEL_HELP)
-    e.add_argument("--data", required=True, help="prepared data folder or a UTF-8 text file")
-    e.add_argument("--split", default="val", help="split of a data folder")
-    e.add_argument("--batch-size", type=int_at_least(1), default=8, help="windows per forward pass")
+    e.add_argument("--data", required=True, help="lm: prepared data folder or a UTF-8 text file; text2text: pair "
+                   "corpus (`bible-kjv-web`, or a .jsonl/.tsv/.csv file with source and target fields)")
+    e.add_argument("--split", default=None, help="split to evaluate (default: val for lm, test for text2text)")
+    e.add_argument("--batch-size", type=int_at_least(1), default=8,
+                   help="lm: windows per forward pass; text2text: sources decoded together (default 8)")
+    add_text2text_args(e)
     add_device_args(e)
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -14,7 +14,7 @@ import errno
 import os
 import sys
 
-from llmkit.cli import data, explain, federated, infer, models, serve, tasks, train
+from llmkit.cli import baselines, compress, data, explain, federated, infer, models, serve, tasks, train
 from llmkit.errors import LLMKitError
 
 
@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.register(sub)  # serve
     explain.register(sub)  # explain
     federated.register(sub)  # federated
+    compress.register(sub)  # quantize, prune, compare
+    baselines.register(sub)  # ngram
     return p
 
 

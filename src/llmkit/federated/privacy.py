@@ -2,9 +2,10 @@
 
 User level (DP-FedAvg): each client's update (its new trainable weights minus the global ones) is clipped to L2
 norm `C`; the server averages the clipped updates and adds N(0, (z·C/m)²) per coordinate (z the noise multiplier,
-m the clients in the round) — McMahan et al. 2018, the mechanism of Flower's `DifferentialPrivacyServerSideFixedClipping`. One round
-is one subsampled Gaussian mechanism whose sample rate is the fraction of clients asked, so the privacy spent
-after R rounds is opacus's RDP accountant over R steps at that rate, for the chosen δ.
+m the clients in the round) — McMahan et al. 2018, the mechanism of Flower's
+`DifferentialPrivacyServerSideFixedClipping`. One round is one subsampled Gaussian mechanism whose sample rate is
+the fraction of clients asked, so the privacy spent after R rounds is opacus's RDP accountant over R steps at that
+rate, for the chosen δ.
 
 Two protected units, `federated.dp_level`:
   * `example` (the default): each client runs per-example DP-SGD on its own shard (opacus's GradSampleModule +

@@ -19,14 +19,15 @@ from llmkit.data.tokenizer import Tokenizer
 from llmkit.errors import CheckpointError
 from llmkit.interop.run_folder import Converted
 from llmkit.interop.sources import read_any
-from llmkit.model import OPTIONAL_HEADS, DecoderLM, EncoderLM, build_model, empty_model, expected_shapes
+from llmkit.model import OPTIONAL_HEADS, DecoderLM, EncoderLM, Seq2SeqLM, build_model, empty_model, expected_shapes
+from llmkit.model.quant import is_quantized, load_quantized
 from llmkit.model.weights import load_into
 from llmkit.runtime import resolve_device, resolve_dtype
 
 
 @dataclass
 class Loaded:
-    model: DecoderLM | EncoderLM  # eval mode, on the asked device and dtype
+    model: DecoderLM | EncoderLM | Seq2SeqLM  # eval mode, on the asked device and dtype
     tokenizer: Tokenizer
     cfg: ModelConfig
     source: Path | str
@@ -38,7 +39,7 @@ def load_model(src: str | Path, device: str = "cpu", dtype: str = "float32", nee
                seed: int = 0) -> Loaded:
     """Load `src` for inference. `need="decoder"` refuses encoders and classifiers with a one-line error."""
     conv: Converted = read_any(src)
-    if need == "decoder" and (conv.cfg.arch == "bert" or conv.is_classifier):
+    if need == "decoder" and (conv.cfg.arch in ("bert", "mbart") or conv.is_classifier):
         raise CheckpointError(f"{src}: {conv.describe()}; this verb needs a text generator (a gpt2 or llama "
                               "decoder)")
     weights = conv.backbone_weights()
@@ -51,6 +52,9 @@ def load_model(src: str | Path, device: str = "cpu", dtype: str = "float32", nee
         torch.manual_seed(seed)
         model = build_model(conv.cfg)
         load_into(model, {k: v.float() for k, v in weights.items()}, where, optional=OPTIONAL_HEADS)
+    elif is_quantized(weights):  # from `llmkit quantize`: int8/int4 layers swapped in, packed kernels
+        model = empty_model(conv.cfg)
+        load_quantized(model, weights, str(where))
     else:  # every tensor comes from the checkpoint: skip the random init and adopt the tensors as they are
         model = empty_model(conv.cfg)
         load_into(model, weights, where, assign=True)

@@ -60,8 +60,10 @@ def decode_layout(model: nn.Module) -> int:
     on such weights still works (the matmuls take either stride)."""
     moved = 0
     for mod in model.modules():
-        w = getattr(mod, "weight", None)
-        if not isinstance(mod, nn.Linear) or w is None or w.device.type != "cpu" or w.dtype != torch.float32:
+        if not isinstance(mod, nn.Linear):  # first: a quantised layer's `.weight` dequantises (model/quant.py)
+            continue
+        w = mod.weight
+        if w.device.type != "cpu" or w.dtype != torch.float32:
             continue
         if w.dim() != 2 or w.stride() == (1, w.shape[0]):  # already column-major (or tied and moved)
             continue

@@ -20,11 +20,11 @@ from torch import Tensor
 
 from llmkit.data.tokenizer import Tokenizer
 from llmkit.errors import CheckpointError
-from llmkit.interop.hf import GGUF_LLAMA_CONFIG, gguf_to_hf_name
+from llmkit.interop.hf import GGUF_CONFIG, gguf_to_hf_name, hf_stores_transposed
 from llmkit.interop.hf_folder import hf_weights_to_llmkit
 from llmkit.interop.run_folder import Converted
 
-SUPPORTED_ARCHS = ("llama",)
+SUPPORTED_ARCHS = ("llama", "gpt2")
 # Pre-tokenizer split patterns by `tokenizer.ggml.pre` (llama.cpp's names); others get GPT-2's own pattern.
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -63,13 +63,13 @@ def _meta(reader, key: str, default: Any = None) -> Any:
 
 
 def gguf_hf_config(reader, path: Path) -> dict[str, Any]:
-    """GGUF metadata -> an HF `config.json` mapping (llama family)."""
+    """GGUF metadata -> an HF `config.json` mapping (llama family, or GPT-2)."""
     arch = _meta(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (llmkit imports: "
                               f"{', '.join(SUPPORTED_ARCHS)})")
-    cfg: dict[str, Any] = {"model_type": "llama"}
-    for key, hf_key in GGUF_LLAMA_CONFIG.items():
+    cfg: dict[str, Any] = {"model_type": arch}
+    for key, hf_key in GGUF_CONFIG[arch].items():
         value = _meta(reader, f"{arch}.{key}")
         if value is not None:
             cfg[hf_key] = value
@@ -84,13 +84,14 @@ def gguf_hf_tensors(reader, hf_cfg: dict[str, Any], path: Path, dtype: torch.dty
     """Every tensor dequantised (to fp32, then `dtype`) under its HF name, Q/K rows back in HF order."""
     from gguf.quants import dequantize
 
+    arch = hf_cfg["model_type"]
     out: dict[str, Tensor] = {}
     for t in reader.tensors:
-        name = gguf_to_hf_name(t.name)
+        name = gguf_to_hf_name(t.name, arch)
         if name is None:
             if t.name == "rope_freqs.weight":  # llama-3.1 rope scaling table: not supported, refuse loudly
                 raise CheckpointError(f"{path}: rope frequency scaling (rope_freqs.weight) is not supported")
-            raise CheckpointError(f"{path}: unexpected tensor {t.name!r} for a llama GGUF")
+            raise CheckpointError(f"{path}: unexpected tensor {t.name!r} for a {arch} GGUF")
         try:
             arr = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
@@ -100,10 +101,12 @@ def gguf_hf_tensors(reader, hf_cfg: dict[str, Any], path: Path, dtype: torch.dty
             raise CheckpointError(f"{path}: tensor {t.name!r} is unreadable ({str(e)[:120]})") from None
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims innermost first
         w = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape)).to(dtype)  # (out, in)
-        if name.endswith("q_proj.weight"):
+        if name.endswith(("q_proj.weight", "q_proj.bias")):
             w = unpermute_rotary(w, hf_cfg["num_attention_heads"])
-        elif name.endswith("k_proj.weight"):
+        elif name.endswith(("k_proj.weight", "k_proj.bias")):
             w = unpermute_rotary(w, hf_cfg.get("num_key_value_heads", hf_cfg["num_attention_heads"]))
+        elif hf_stores_transposed(name, arch):  # GPT-2's Conv1D: HF keeps (in, out)
+            w = w.t()
         out[name] = w
     return out
 

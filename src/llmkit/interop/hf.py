@@ -14,6 +14,7 @@ from torch import Tensor
 from llmkit.config import ModelConfig
 from llmkit.config.sections import ROPE_SCALING_KEYS
 from llmkit.errors import CheckpointError
+from llmkit.interop.hf_mbart import MBART_TABLE, mbart_config_from_hf, mbart_hf_config
 
 # (llmkit name, HF names concatenated along dim 0, HF stores it transposed). `{i}` is the layer index.
 GPT2_TABLE: list[tuple[str, tuple[str, ...], bool]] = [
@@ -93,7 +94,7 @@ OPTIONAL_HF_PREFIXES = ("cls.", "bert.pooler.")
 TIED_HEADS = ("lm_head.weight", "mlm.decoder.weight")  # shared with embed.weight when tie_embeddings
 VOCAB_ROWS = ("embed.weight", "lm_head.weight", "mlm.decoder.weight", "mlm.bias")  # padded to the vocab multiple
 
-TABLES = {"gpt2": GPT2_TABLE, "llama": LLAMA_TABLE, "bert": BERT_TABLE}
+TABLES = {"gpt2": GPT2_TABLE, "llama": LLAMA_TABLE, "bert": BERT_TABLE, "mbart": MBART_TABLE}
 
 
 def bert_names(hf: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -117,7 +118,30 @@ GGUF_LLAMA_NAMES: dict[str, str] = {
     "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
     "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+    # Optional biases (llama.cpp's llama graph adds them when present; Qwen2-style q/k/v biases).
+    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "blk.{i}.attn_output.bias": "model.layers.{i}.self_attn.o_proj.bias",
+    "blk.{i}.ffn_gate.bias": "model.layers.{i}.mlp.gate_proj.bias",
+    "blk.{i}.ffn_up.bias": "model.layers.{i}.mlp.up_proj.bias",
+    "blk.{i}.ffn_down.bias": "model.layers.{i}.mlp.down_proj.bias",
 }
+
+# GPT-2 in llama.cpp's names. llama.cpp stores Conv1D weights as (out, in), HF as (in, out): see
+# `hf_stores_transposed`.
+GGUF_GPT2_NAMES: dict[str, str] = {
+    "token_embd.weight": "transformer.wte.weight",
+    "position_embd.weight": "transformer.wpe.weight",
+    "output_norm.weight": "transformer.ln_f.weight",
+    "output_norm.bias": "transformer.ln_f.bias",
+    "output.weight": "lm_head.weight",
+    **{f"blk.{{i}}.{g}.{kind}": f"transformer.h.{{i}}.{h}.{kind}"
+       for g, h in (("attn_norm", "ln_1"), ("attn_qkv", "attn.c_attn"), ("attn_output", "attn.c_proj"),
+                    ("ffn_norm", "ln_2"), ("ffn_up", "mlp.c_fc"), ("ffn_down", "mlp.c_proj"))
+       for kind in ("weight", "bias")},
+}
+GGUF_NAMES: dict[str, dict[str, str]] = {"llama": GGUF_LLAMA_NAMES, "gpt2": GGUF_GPT2_NAMES}
 
 # GGUF metadata keys (after the `{arch}.` prefix) -> HF config.json keys, for the llama family.
 GGUF_LLAMA_CONFIG: dict[str, str] = {
@@ -134,22 +158,57 @@ GGUF_LLAMA_CONFIG: dict[str, str] = {
 }
 
 
-def gguf_to_hf_name(name: str) -> str | None:
-    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None for names the table lacks."""
+# GPT-2's GGUF metadata keys -> HF GPT2Config keys.
+GGUF_GPT2_CONFIG: dict[str, str] = {
+    "context_length": "n_positions",
+    "block_count": "n_layer",
+    "feed_forward_length": "n_inner",
+    "embedding_length": "n_embd",
+    "attention.head_count": "n_head",
+    "attention.layer_norm_epsilon": "layer_norm_epsilon",
+    "vocab_size": "vocab_size",
+}
+GGUF_CONFIG: dict[str, dict[str, str]] = {"llama": GGUF_LLAMA_CONFIG, "gpt2": GGUF_GPT2_CONFIG}
+
+
+def _layer_template(name: str) -> tuple[str, str | None]:
+    """`model.layers.3.mlp.up_proj.weight` -> (`model.layers.{i}.mlp.up_proj.weight`, "3"): the first all-digit
+    part is the layer index in every naming scheme here."""
     parts = name.split(".")
-    if parts[0] == "blk" and len(parts) > 2 and parts[1].isdigit():
-        theirs = GGUF_LLAMA_NAMES.get(".".join(["blk", "{i}", *parts[2:]]))
-        return theirs.format(i=parts[1]) if theirs else None
-    return GGUF_LLAMA_NAMES.get(name)
+    for k, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join([*parts[:k], "{i}", *parts[k + 1:]]), p
+    return name, None
+
+
+def gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None for names the table lacks."""
+    template, i = _layer_template(name)
+    theirs = GGUF_NAMES[arch].get(template)
+    return theirs.format(i=i) if theirs else None
+
+
+def hf_to_gguf_name(name: str, arch: str) -> str | None:
+    """The inverse of `gguf_to_hf_name`, for GGUF export: `model.layers.3.self_attn.q_proj.weight` ->
+    `blk.3.attn_q.weight`."""
+    template, i = _layer_template(name)
+    ours = {h: g for g, h in GGUF_NAMES[arch].items()}.get(template)
+    return ours.format(i=i) if ours else None
+
+
+def hf_stores_transposed(name: str, arch: str) -> bool:
+    """Whether HF keeps this tensor as (in, out) (GPT-2's Conv1D) where llmkit and llama.cpp keep (out, in)."""
+    template, _ = _layer_template(name)
+    return any(transposed and template in theirs for _, theirs, transposed in TABLES[arch])
 
 
 def _rows(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], bool]]:
-    """The table expanded over layers."""
+    """The table expanded over layers (`{e}`: an encoder–decoder's encoder layers, `{i}`: all others)."""
     out = []
     for ours, theirs, transposed in TABLES[cfg.arch]:
-        layers = range(cfg.n_layer) if "{i}" in ours else [None]
+        layers = range(cfg.n_encoder_layer) if "{e}" in ours else range(cfg.n_layer) if "{i}" in ours else [None]
         for i in layers:
-            names = (ours, *theirs) if i is None else tuple(n.format(i=i) for n in (ours, *theirs))
+            names = (ours, *theirs) if i is None else tuple(n.format(i=i, e=i) for n in (ours, *theirs))
             out.append((names[0], names[1:], transposed))
     return out
 
@@ -207,6 +266,11 @@ def to_hf_state_dict(ours: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Ten
 
 def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     """The `config.json` transformers needs to rebuild the same network."""
+    if cfg.arch != "llama" and cfg.n_head * cfg.head_dim != cfg.n_embd:
+        raise CheckpointError(f"{cfg.arch} with head_dim {cfg.head_dim} != n_embd / n_head ({cfg.n_embd} / "
+                              f"{cfg.n_head}) has no transformers equivalent (only the llama flavour stores head_dim)")
+    if cfg.arch == "mbart":
+        return mbart_hf_config(cfg)
     if cfg.arch == "bert":
         return {
             "architectures": ["BertForPreTraining"], "model_type": "bert", "vocab_size": cfg.vocab_size,
@@ -268,15 +332,13 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         )
     if kind in ("llama", "mistral", "qwen2"):
-        if hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
-            raise CheckpointError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads is not supported")
         block_size = hf.get("max_position_embeddings", 2048)
         _check_full_attention(hf, kind, block_size)
         rope = {**(hf.get("rope_parameters") or {}), **(hf.get("rope_scaling") or {})}  # transformers 5 / 4 keys
         return ModelConfig(
             arch="llama", vocab_size=hf["vocab_size"], pad_vocab_multiple=1, block_size=block_size,
             n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
-            n_kv_head=hf.get("num_key_value_heads"), n_embd=hf["hidden_size"],
+            n_kv_head=hf.get("num_key_value_heads"), n_embd=hf["hidden_size"], head_dim=hf.get("head_dim"),
             intermediate_size=hf["intermediate_size"],
             # Qwen2 has q/k/v biases (no flag for them); o_proj and MLP biases it lacks load as zeros.
             bias=True if kind == "qwen2" else hf.get("attention_bias", False) or hf.get("mlp_bias", False),
@@ -293,4 +355,6 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             intermediate_size=hf["intermediate_size"], bias=True, tie_embeddings=hf.get("tie_word_embeddings", True),
             norm_eps=hf.get("layer_norm_eps", 1e-12), type_vocab_size=hf.get("type_vocab_size", 2),
         )
-    raise CheckpointError(f"unknown architecture model_type={kind!r} (llmkit imports: gpt2, llama, bert)")
+    if kind == "mbart":
+        return mbart_config_from_hf(hf)
+    raise CheckpointError(f"unknown architecture model_type={kind!r} (llmkit imports: gpt2, llama, bert, mbart)")

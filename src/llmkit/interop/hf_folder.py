@@ -19,14 +19,16 @@ from llmkit.data.wordpiece import wrap_bert_tokenizer
 from llmkit.errors import CheckpointError, DataError, LLMKitError
 from llmkit.files import atomic_dir, atomic_write_text, read_json
 from llmkit.interop.hf import _rows, bert_names, from_hf_state_dict, hf_config, model_config_from_hf, to_hf_state_dict
+from llmkit.interop.hf_mbart import eos_appending, mbart_export_extras, mbart_import_names
 from llmkit.interop.run_folder import Converted, check_replaceable
 from llmkit.model import expected_shapes
+from llmkit.model.seq2seq import decoder_start_id
 from llmkit.model.weights import load_weights, save_weights
 
 # HF tensors that are buffers rebuilt from the config, not weights: safe to ignore on import.
 _HF_BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq", "embeddings.position_ids",
                "embeddings.token_type_ids")
-HF_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "bert")
+HF_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "bert", "mbart")
 
 
 def read_safetensors_folder(src: Path) -> dict[str, Tensor]:
@@ -102,6 +104,8 @@ def hf_weights_to_llmkit(hf_cfg: dict[str, Any], hf: dict[str, Tensor], where: s
     """Config + HF-named tensors -> llmkit config + weights, with one-line errors prefixed by `where`."""
     if hf_cfg.get("model_type") == "bert":
         hf = bert_names(hf)
+    elif hf_cfg.get("model_type") == "mbart":
+        hf = mbart_import_names(hf, where)
     else:
         prefix = "transformer." if hf_cfg.get("model_type") == "gpt2" else "model."
         if not any(k.startswith(prefix) for k in hf):  # a bare GPT2Model/LlamaModel save (the hub's gpt2 is one)
@@ -158,7 +162,8 @@ def read_bert_tokenizer(src: Path) -> Tokenizer:
 
 
 def write_hf_folder(conv: Converted, dst: str | Path) -> Path:
-    """An HF folder that AutoModelForCausalLM / AutoTokenizer load with no missing or unexpected weights:
+    """An HF folder that AutoModelForCausalLM (AutoModelForSeq2SeqLM for mbart) / AutoTokenizer load with no
+    missing or unexpected weights:
     exact vocabulary (llmkit's padding rows dropped), config.json, generation_config.json, tokenizer files."""
     cfg, tok = conv.cfg, conv.tokenizer
     if cfg.arch == "gpt2" and (not cfg.bias or cfg.n_kv_head != cfg.n_head):
@@ -172,14 +177,21 @@ def write_hf_folder(conv: Converted, dst: str | Path) -> Path:
               "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id, "dtype": str(dtype).removeprefix("torch.")}
     if cfg.arch == "bert":  # a sentence-embedding checkpoint has no pre-training heads: name what is there
         config["architectures"] = [bert_architecture(hf)]
+    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": end_of_turn_ids(tok),
+                  "pad_token_id": tok.pad_id}
+    if cfg.arch == "mbart":  # decoding starts from eos and stops at it; no hidden 20-token default cap
+        hf.update(mbart_export_extras(cfg))
+        config["decoder_start_token_id"] = decoder_start_id(tok)
+        generation.update(decoder_start_token_id=decoder_start_id(tok), eos_token_id=tok.eos_id,
+                          forced_eos_token_id=None, max_length=cfg.block_size)
     with atomic_dir(dst) as tmp:
         save_weights(hf, tmp / "model.safetensors", metadata={"format": "pt"})
         atomic_write_text(tmp / "config.json", json.dumps(config, indent=2))
         if cfg.arch != "bert":  # only text generators have generation settings
-            generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": end_of_turn_ids(tok),
-                          "pad_token_id": tok.pad_id}
             atomic_write_text(tmp / "generation_config.json", json.dumps(generation, indent=2))
         tok.save(tmp)
+        if cfg.arch == "mbart":  # `tokenizer(text)` ends sources and labels with eos, as llmkit trained them
+            atomic_write_text(tmp / "tokenizer.json", eos_appending(tok.tk, tok.eos_token, tok.eos_id).to_str())
     return dst
 
 

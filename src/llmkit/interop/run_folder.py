@@ -43,6 +43,8 @@ class Converted:
             return f"a text classifier ({labels}) on a {self.cfg.arch} backbone: use `llmkit classify`"
         if self.cfg.arch == "bert":
             return "a BERT encoder: it embeds and classifies (`llmkit embed`, `llmkit search`, `llmkit finetune`)"
+        if self.cfg.arch == "mbart":
+            return "an encoder–decoder: it rewrites text (`llmkit eval --task text2text`, `llmkit convert --to hf`)"
         return f"a {self.cfg.arch} decoder: it generates and scores text"
 
     def backbone_weights(self) -> dict[str, Tensor]:

@@ -13,14 +13,16 @@ from llmkit.config import ModelConfig
 from llmkit.model.decoder import DecoderLM, DecoderOutput
 from llmkit.model.encoder import EncoderLM, EncoderOutput
 from llmkit.model.layers import KVCache
+from llmkit.model.lstm import LSTMLM
+from llmkit.model.seq2seq import Seq2SeqLM, Seq2SeqOutput
 from llmkit.model.weights import load_into
 
-ARCHITECTURES = {"gpt2": DecoderLM, "llama": DecoderLM, "bert": EncoderLM}
+ARCHITECTURES = {"gpt2": DecoderLM, "llama": DecoderLM, "bert": EncoderLM, "mbart": Seq2SeqLM, "lstm": LSTMLM}
 # Parts of an EncoderLM a checkpoint may leave out (a sentence-embedding BERT has no pre-training heads).
 OPTIONAL_HEADS = ("mlm.", "nsp.", "pooler.")
 
 
-def build_model(cfg: ModelConfig) -> DecoderLM | EncoderLM:
+def build_model(cfg: ModelConfig) -> DecoderLM | EncoderLM | Seq2SeqLM:
     return ARCHITECTURES[cfg.arch](cfg)
 
 
@@ -40,7 +42,7 @@ def _skip_init() -> Iterator[None]:
             setattr(torch.nn.init, n, f)
 
 
-def empty_model(cfg: ModelConfig) -> DecoderLM | EncoderLM:
+def empty_model(cfg: ModelConfig) -> DecoderLM | EncoderLM | Seq2SeqLM:
     """A model of this shape with uninitialised weights, for loading a checkpoint into."""
     with _skip_init():
         return build_model(cfg)
@@ -62,4 +64,5 @@ def check_weights(cfg: ModelConfig, weights: dict[str, Tensor], where: str | Pat
 
 
 __all__ = ["ARCHITECTURES", "OPTIONAL_HEADS", "DecoderLM", "DecoderOutput", "EncoderLM", "EncoderOutput", "KVCache",
-           "ModelConfig", "build_model", "check_weights", "empty_model", "expected_shapes"]
+           "ModelConfig", "Seq2SeqLM", "Seq2SeqOutput", "build_model", "check_weights", "empty_model",
+           "expected_shapes"]

@@ -206,14 +206,22 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
         need_weights: bool = False,
+        kv: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """x (B, T, C); mask (B, 1, T, Tk) bool, True = may attend, or None for the plain causal/full case."""
+        """x (B, T, C); mask (B, 1, T, Tk) bool, True = may attend, or None for the plain causal/full case.
+
+        `kv` makes this cross-attention (an encoder–decoder's decoder): x gives only the queries, the keys and
+        values are `project_kv(encoder output)`, computed once per source rather than once per decoded token."""
         B, T, _ = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.qkv(x).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
+        if kv is None:
+            q, k, v = self.qkv(x).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
+            k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+            v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        else:
+            bias = self.qkv.bias[: nh * hs] if self.qkv.bias is not None else None
+            q, (k, v) = F.linear(x, self.qkv.weight[: nh * hs], bias), kv  # (B, T, nh*hs); (B, nkv, S, hs)
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
@@ -244,15 +252,24 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, C)
         return self.resid_dropout(self.proj(y)), weights
 
+    def project_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-attention keys/values of an encoder output (B, S, C), with the k/v rows of the one fused `qkv`
+        (so the weights keep the self-attention layout and names): each (B, nkv, S, hs)."""
+        B, S, _ = memory.shape
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
+        bias = self.qkv.bias[nh * hs:] if self.qkv.bias is not None else None
+        k, v = F.linear(memory, self.qkv.weight[nh * hs:], bias).split([nkv * hs, nkv * hs], dim=-1)
+        return k.view(B, S, nkv, hs).transpose(1, 2), v.view(B, S, nkv, hs).transpose(1, 2)  # (B, nkv, S, hs)
+
 
 class MLP(nn.Module):
-    """GPT-2: Linear -> GELU(tanh) -> Linear; BERT the same with exact (erf) GELU. Llama: SwiGLU, with gate and up
+    """GPT-2: Linear -> GELU(tanh) -> Linear; BERT and mBART with exact (erf) GELU. Llama: SwiGLU, with gate and up
     projections fused in one matmul."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.swiglu = cfg.arch == "llama"
-        self.gelu = "none" if cfg.arch == "bert" else "tanh"
+        self.gelu = "none" if cfg.arch in ("bert", "mbart") else "tanh"
         width = cfg.intermediate_size
         self.fc = nn.Linear(cfg.n_embd, 2 * width if self.swiglu else width, bias=cfg.bias)
         self.proj = nn.Linear(width, cfg.n_embd, bias=cfg.bias)
@@ -273,23 +290,30 @@ class Block(nn.Module):
 
     BERT (`arch: bert`) normalises after the residual add instead (post-norm): norm(x + attn(x)), then
     norm(x + mlp(x)); same modules, so one block class serves both and BERT weights load as they are.
+    With `cross` (an encoder–decoder's decoder) a third residual step sits between the two: x +
+    cross_attn(cross_norm(x)) over the encoder's keys/values `memory_kv`, masked by `memory_mask` (B, 1, 1, S).
     """
 
-    def __init__(self, cfg: ModelConfig, causal: bool = True) -> None:
+    def __init__(self, cfg: ModelConfig, causal: bool = True, cross: bool = False) -> None:
         super().__init__()
         self.post_norm = cfg.arch == "bert"
         self.norm1 = make_norm(cfg)
         self.attn = Attention(cfg, causal=causal)
+        self.cross_norm = make_norm(cfg) if cross else None
+        self.cross_attn = Attention(cfg, causal=False) if cross else None
         self.norm2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, rope=None, mask=None, cache=None, layer: int = 0, need_weights: bool = False):
+    def forward(self, x: Tensor, rope=None, mask=None, cache=None, layer: int = 0, need_weights: bool = False,
+                memory_kv: tuple[Tensor, Tensor] | None = None, memory_mask: Tensor | None = None):
         if self.post_norm:
             a, w = self.attn(x, rope=rope, mask=mask, cache=cache, layer=layer, need_weights=need_weights)
             x = self.norm1(x + a)
             return self.norm2(x + self.mlp(x)), w
         a, w = self.attn(self.norm1(x), rope=rope, mask=mask, cache=cache, layer=layer, need_weights=need_weights)
         x = x + a
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.cross_norm(x), mask=memory_mask, kv=memory_kv)[0]
         x = x + self.mlp(self.norm2(x))
         return x, w
 

@@ -21,7 +21,7 @@ CHUNK = 64  # tokens per chunk on a CPU: 64 x 50304 fp32 logits = 13 MB, about a
 GPU_CHUNK_LOGITS = 2**27
 
 
-def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return dtype
@@ -31,7 +31,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
         # h (N, C) hidden states, weight (V, C) output head, labels (N,) with IGNORE_INDEX for no target
-        dtype = _compute_dtype(h.device.type, h.dtype)
+        dtype = compute_dtype(h.device.type, h.dtype)
         hc, wc = h.to(dtype), weight.to(dtype)
         n_valid = (labels != IGNORE_INDEX).sum().clamp(min=1)
         grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -63,6 +63,68 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = ((g_logits @ wc) * grad_out).to(h_dtype) if ctx.needs_input_grad[0] else None  # (N, C)
         grad_w = ((g_logits.T @ hc) * grad_out).to(w_dtype) if ctx.needs_input_grad[1] else None  # (V, C)
         return grad_h, grad_w, None
+
+
+class _LinearForwardKL(torch.autograd.Function):
+    """(1 − α)·CE + α·T²·KL(p_teacher ‖ softmax(z / T)) of z = h @ Wᵀ, the same chunked pass as above: the
+    gradient with respect to z, (1 − α)(softmax(z) − onehot) + α·T·(softmax(z / T) − p_teacher), is formed while a
+    chunk is in cache, so a distillation step costs what a plain one does (three head matmuls, no recompute)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, labels: Tensor, t_logits: Tensor, t_ids: Tensor | None,
+                temperature: float, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+        # h (N, C), weight (V, C), labels (N,); the teacher: t_logits (N, V), or (N, K) at the ids t_ids (N, K)
+        dtype = compute_dtype(h.device.type, h.dtype)
+        hc, wc = h.to(dtype), weight.to(dtype)
+        n_valid = (labels != IGNORE_INDEX).sum().clamp(min=1)
+        grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        g_logits = torch.empty(h.shape[0], weight.shape[0], dtype=dtype, device=h.device) if grad else None
+        ce = torch.zeros((), dtype=torch.float32, device=h.device)
+        kd = torch.zeros((), dtype=torch.float32, device=h.device)
+        T, a = temperature, alpha
+        chunk = CHUNK if h.device.type == "cpu" else max(CHUNK, GPU_CHUNK_LOGITS // weight.shape[0])
+        for s in range(0, h.shape[0], chunk):
+            ok = (labels[s:s + chunk] != IGNORE_INDEX).float()  # (n,)
+            safe = labels[s:s + chunk].clamp(min=0)[:, None]  # (n, 1)
+            z = (hc[s:s + chunk] @ wc.T).float()  # (n, V)
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (n, 1)
+            ce += ((lse.squeeze(1) - z.gather(1, safe).squeeze(1)) * ok).sum()
+            zt = z / T if T != 1 else z  # (n, V)
+            lse_t = torch.logsumexp(zt, dim=-1, keepdim=True) if T != 1 else lse  # (n, 1)
+            ids = None if t_ids is None else t_ids[s:s + chunk].long()  # (n, K)
+            t_logp = torch.log_softmax(t_logits[s:s + chunk].float() / T, dim=-1)  # (n, K) or (n, V)
+            s_logp = (zt if ids is None else zt.gather(1, ids)) - lse_t  # (n, K) or (n, V)
+            t_p = t_logp.exp()
+            kd += ((t_p * (t_logp - s_logp)).sum(-1) * ok).sum()
+            if grad:
+                q = (zt - lse_t).exp_()  # (n, V): softmax(z / T)
+                g = (z.sub_(lse).exp_()).mul_(1 - a)  # (n, V): (1 - a) softmax(z), in place of z
+                g.scatter_add_(1, safe, torch.full_like(safe, a - 1, dtype=g.dtype))
+                g.add_(q, alpha=a * T)
+                if ids is None:
+                    g.sub_(t_p, alpha=a * T)
+                else:
+                    g.scatter_add_(1, ids, t_p.mul(-a * T))
+                g_logits[s:s + chunk] = g.mul_((ok / n_valid)[:, None])
+        if grad:
+            ctx.save_for_backward(hc, wc, g_logits)
+            ctx.dtypes = (h.dtype, weight.dtype)
+        ce, kd = ce / n_valid, kd / n_valid
+        ctx.mark_non_differentiable(ce, kd)
+        return (1 - a) * ce + a * T * T * kd, ce, kd
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, _ce: Tensor, _kd: Tensor):
+        grad_h, grad_w, _ = _LinearCrossEntropy.backward(ctx, grad_out)
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def linear_forward_kl(h: Tensor, weight: Tensor, labels: Tensor, t_logits: Tensor, t_ids: Tensor | None,
+                      temperature: float, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Distillation's (loss, ce, kd) for forward KL, fused with the output head; h (N, C), labels (N,), the
+    teacher's logits (N, V) or its top k (N, K) at ids (N, K) (the student's full softmax at those ids: see
+    train/distill.kd_terms, which this equals up to rounding)."""
+    return _LinearForwardKL.apply(h, weight, labels, t_logits, t_ids, temperature, alpha)
 
 
 def linear_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor) -> Tensor:

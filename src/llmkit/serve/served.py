@@ -97,10 +97,12 @@ def _too_large(size: int, limit: int) -> ApiError:
 
 def is_generator(loaded: Loaded) -> bool:
     classifier = isinstance(loaded.run, FinetuneRunConfig) and loaded.run.train.objective == "classify"
-    return loaded.cfg.arch != "bert" and not classifier
+    return loaded.cfg.arch not in ("bert", "mbart") and not classifier
 
 
 def describe(loaded: Loaded) -> str:
+    if loaded.cfg.arch == "mbart":
+        return "an encoder-decoder (it rewrites text: `llmkit eval --task text2text`)"
     return "a BERT encoder" if loaded.cfg.arch == "bert" else f"a text classifier on a {loaded.cfg.arch} backbone"
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +46,16 @@ def finetune_defaults(lora: bool) -> dict[str, Any]:
             "train.select_metric": "val_accuracy"}
 
 
-def finetune_config(config_file: str | Path | None, overrides: dict[str, Any]) -> FinetuneRunConfig:
-    """Defaults for fine-tuning, then the YAML recipe, then the command line; checks a base and data are named."""
+def finetune_config(config_file: str | Path | None, overrides: dict[str, Any],
+                    defaults_for: Callable[[bool], dict[str, Any]] = finetune_defaults) -> FinetuneRunConfig:
+    """Defaults for fine-tuning (`defaults_for(lora)`: the task's), then the YAML recipe, then the command line;
+    checks a base and data are named."""
     values = load_yaml(config_file) if config_file else {}
     # The defaults hang on lora, so read it as the config will: yes/on/1/true all mean LoRA.
     lora = coerce(overrides.get("finetune.lora", (values.get("finetune") or {}).get("lora", False)), bool,
                   "finetune.lora")
     given = {f"{sec}.{k}" for sec, v in values.items() if isinstance(v, dict) for k in v} | set(overrides)
-    defaults = {k: v for k, v in finetune_defaults(lora).items() if k not in given}
+    defaults = {k: v for k, v in defaults_for(lora).items() if k not in given}
     if "train.max_steps" in overrides and "finetune.epochs" not in given:
         defaults["finetune.epochs"] = 0  # --max-steps wins over the default epoch count
     cfg = build(FinetuneRunConfig, apply_overrides(apply_overrides(values, defaults), overrides))

@@ -37,7 +37,7 @@ from llmkit.errors import CheckpointError, ConfigError
 from llmkit.files import atomic_write_text, read_json
 from llmkit.infer.load import Loaded, load_model
 from llmkit.model import build_model
-from llmkit.model.loss import lm_figures
+from llmkit.model.loss import linear_forward_kl, lm_figures
 from llmkit.model.weights import load_into, load_weights
 from llmkit.runtime import resolve_device
 from llmkit.train.checkpoint import start_run_folder
@@ -63,12 +63,21 @@ def kd_terms(s_logits: Tensor, labels: Tensor, t_logits: Tensor, t_ids: Tensor |
              temperature: float) -> tuple[Tensor, Tensor]:
     """Summed cross-entropy and summed divergence over N positions (labels -100 are skipped).
 
-    s_logits (N, V) over the real vocabulary; t_logits (N, V) over it too, or (N, K) at the ids t_ids (N, K)."""
+    s_logits (N, V) over the real vocabulary; t_logits (N, V) over it too, or (N, K) at the ids t_ids (N, K).
+    With the top-k cache the teacher's mass outside its k best tokens is unknown, so the teacher is its top k
+    renormalised. Forward KL then compares it with the student's full distribution at those ids (the student's
+    mass elsewhere counts as a miss, so the divergence also pulls it onto the teacher's choices: a KL over k + 1
+    outcomes whose last the teacher gives 0). Reverse KL and JSD would be infinite against such a zero, so they
+    compare the two renormalised over the k ids, and only the cross-entropy term governs the rest."""
     s_logits = s_logits.float()
     ce = F.cross_entropy(s_logits, labels, ignore_index=-100, reduction="sum")
-    s_k = s_logits if t_ids is None else s_logits.gather(-1, t_ids.long())  # (N, K)
     t_logp = F.log_softmax(t_logits.float() / temperature, dim=-1)  # (N, K)
-    s_logp = F.log_softmax(s_k / temperature, dim=-1)  # (N, K)
+    if t_ids is None:
+        s_logp = F.log_softmax(s_logits / temperature, dim=-1)  # (N, V)
+    elif kind == "forward_kl":
+        s_logp = F.log_softmax(s_logits / temperature, dim=-1).gather(-1, t_ids.long())  # (N, K), sums to <= 1
+    else:
+        s_logp = F.log_softmax(s_logits.gather(-1, t_ids.long()) / temperature, dim=-1)  # (N, K)
     d = divergence(kind, t_logp, s_logp)  # (N,)
     return ce, (d * (labels != -100)).sum()
 
@@ -183,6 +192,9 @@ class Distill:
         else:
             t_vals, t_ids = self.teacher_logits(x).flatten(0, 1), None  # (N, V)
         h, y = hidden.flatten(0, 1), labels.flatten()  # (N, C), (N,)
+        if self.kind == "forward_kl":  # the fused head + loss: a step costs what a plain one does
+            loss, ce, kd = linear_forward_kl(h, weight, y, t_vals, t_ids, self.T, self.alpha)
+            return loss, {"ce": ce, "kd": kd}
         ce_sum = hidden.new_zeros((), dtype=torch.float32)
         kd_sum = hidden.new_zeros((), dtype=torch.float32)
         for i in range(0, h.shape[0], ROWS_PER_CHUNK):

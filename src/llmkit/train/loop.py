@@ -249,11 +249,11 @@ def train(
             log({"step": step, **val})
             report.flush()
             last.update(val)
-            if ddp.main:  # one line per evaluation, not one per rank
+            if ddp.main and not quiet:  # one line per evaluation, not one per rank; stdout stays clean for --json
                 bar.write(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in val.items()))
             if cfg.early_stop_patience and bad_evals >= cfg.early_stop_patience:
                 stopped_early = True
-                if ddp.main:
+                if ddp.main and not quiet:
                     bar.write(f"early stop: {cfg.select_metric} has not improved for {bad_evals} evaluations")
         save_now = evaluate_now or stopped_early or (cfg.save_interval and step % cfg.save_interval == 0)
         if save_now:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from llmkit.data.tokenizer import Tokenizer
 from llmkit.data.wordpiece import special_ids
 from llmkit.errors import ConfigError
+from llmkit.model.seq2seq import decoder_start_id, shift_right
 
 
 class Objective(Protocol):
@@ -124,7 +125,34 @@ class Classify:
         return loss, {"accuracy": (logits.argmax(-1) == batch["labels"]).float().mean()}
 
 
-OBJECTIVES: dict[str, type] = {"causal_lm": CausalLM, "mlm": MaskedLM, "mlm+nsp": MaskedLMNSP, "classify": Classify}
+class Seq2Seq:
+    """An encoder–decoder's teacher-forced cross-entropy: batch has input_ids (B, S) + attention_mask (B, S) (the
+    source, right-padded) and labels (B, T) (the target + eos, -100 on padding).
+
+    Teacher forcing: the decoder reads the true target shifted right behind the start token (`shift_right`), never
+    its own guesses, so one forward scores every target position. Label smoothing (training only) spreads
+    `label_smoothing` of each target's probability over the vocabulary; evaluation reports the plain
+    cross-entropy, comparable across runs whatever their smoothing. Padded source tokens are masked out of every
+    attention by attention_mask; padded labels (-100) are out of the loss."""
+
+    name = "seq2seq"
+    needs_tokenizer = True
+
+    def __init__(self, tokenizer: Tokenizer, label_smoothing: float = 0.0) -> None:
+        self.start_id, self.pad_id = decoder_start_id(tokenizer), tokenizer.pad_id
+        self.label_smoothing = label_smoothing
+
+    def __call__(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        labels = batch["labels"]  # (B, T)
+        decoder_input_ids = shift_right(labels, self.start_id, self.pad_id)  # (B, T)
+        smoothing = self.label_smoothing if model.training else 0.0
+        out = model(batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=decoder_input_ids,
+                    labels=labels, label_smoothing=smoothing)
+        return out.loss, {}
+
+
+OBJECTIVES: dict[str, type] = {"causal_lm": CausalLM, "mlm": MaskedLM, "mlm+nsp": MaskedLMNSP, "classify": Classify,
+                               "seq2seq": Seq2Seq}
 
 
 def get_objective(name: str, tokenizer: Tokenizer | None = None) -> Objective:
