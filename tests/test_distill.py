@@ -244,3 +244,28 @@ def test_fused_forward_kl_equals_the_autograd_loss_and_gradients(top_k, temperat
                                                                                                     rel=1e-4, abs=1e-6)
     torch.testing.assert_close(g_fused[0], h.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(g_fused[1], w.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fill_cache_stores_every_windows_teacher_top_k_once(tmp_path, teacher_run, data_dir):
+    """fill_cache runs the teacher once over every training window (a second call computes none), and what it
+    stores for a window is the teacher's top k on exactly that window's tokens (the last window included)."""
+    import numpy as np
+
+    from llmkit.config import DistillRunConfig, build
+    from llmkit.train.distill import Distill, WindowBatches, fill_cache, load_teacher
+
+    cfg = build(DistillRunConfig, {"model": {"block_size": 32}, "data": {"path": str(data_dir), "batch_size": 4},
+                                   "kd": {"teacher": str(teacher_run), "cache_top_k": 5,
+                                          "cache_dir": str(tmp_path / "cache")}})
+    first = fill_cache(cfg, quiet=True)
+    windows = WindowBatches(data_dir, "train", 32, 4, seed=0)
+    assert first["computed"] == first["windows"] == windows.windows > 1
+    assert fill_cache(cfg, quiet=True)["computed"] == 0
+    teacher = load_teacher(str(teacher_run), "cpu", cfg.kd.teacher_dtype)
+    last = windows.windows - 1
+    x = torch.from_numpy(np.asarray(windows.data[last * 32:(last + 1) * 32], dtype=np.int64))[None]  # (1, 32)
+    vals, ids = Distill(teacher.model, teacher.cfg.vocab_size, "forward_kl", 1.0, 0.5).teacher_logits(x).topk(5)
+    stored_ids = np.load(tmp_path / "cache" / "ids.npy", mmap_mode="r")[last]
+    stored_vals = np.load(tmp_path / "cache" / "values.npy", mmap_mode="r")[last]
+    assert np.array_equal(stored_ids, ids[0].numpy())
+    assert np.allclose(stored_vals, vals[0].numpy(), rtol=1e-3, atol=1e-2)

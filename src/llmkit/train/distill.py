@@ -149,10 +149,14 @@ class WindowBatches(TokenBatches):
     def windows(self) -> int:
         return (len(self.data) - 1) // self.T
 
+    def rows(self, windows: np.ndarray) -> Tensor:
+        """(b,) window indices -> (b, T + 1) their tokens and the one after (the next window's first)."""
+        return torch.from_numpy(np.stack([self.data[w * self.T:(w + 1) * self.T + 1] for w in windows])
+                                .astype(np.int64))
+
     def __next__(self) -> dict[str, Tensor]:
         starts = self.take(self.B * self.world)[self.rank * self.B:(self.rank + 1) * self.B]
-        rows = np.stack([self.data[s:s + self.T + 1] for s in starts]).astype(np.int64)  # (B, T+1)
-        t = torch.from_numpy(rows)
+        t = self.rows(starts // self.T)  # (B, T+1)
         return {"input_ids": t[:, :-1], "labels": t[:, 1:], "window": torch.from_numpy(starts // self.T)}
 
 
@@ -304,8 +308,7 @@ def fill_cache(cfg: DistillRunConfig, quiet: bool = False) -> dict[str, float]:
     t0, todo = time.perf_counter(), np.flatnonzero(cache.filled[:] == 0)
     for i in tqdm(range(0, len(todo), B), desc="teacher cache", unit="batch", disable=quiet):
         w = torch.from_numpy(todo[i:i + B])  # (b,) window indices
-        rows = np.stack([batches.data[s * T:s * T + T] for s in w.numpy()]).astype(np.int64)  # (b, T)
-        cache.store(w, objective.teacher_logits(torch.from_numpy(rows).to(device)))
+        cache.store(w, objective.teacher_logits(batches.rows(w.numpy())[:, :-1].to(device)))  # inputs (b, T)
     cache.values.flush(), cache.ids.flush(), cache.filled.flush()
     return {"windows": batches.windows, "computed": len(todo), "seconds": time.perf_counter() - t0}
 
