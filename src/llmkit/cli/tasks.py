@@ -26,6 +26,19 @@ def cmd_classify(args: argparse.Namespace) -> None:
             print(f"{r['label']}\t{r['probability']:.4f}\t{text}")
 
 
+def cmd_eval_classify(args: argparse.Namespace) -> None:
+    """`llmkit eval --task classify` (chosen by itself for a classifier run): score it on a labelled set."""
+    from llmkit.tasks.classify import evaluate_classifier_on, load_classifier
+
+    clf = load_classifier(args.model, device=args.device)
+    res = evaluate_classifier_on(clf, args.data, part=args.split or "test", batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{res['data']} ({res['split']}, {res['n_test']:,} texts): accuracy {res['accuracy']:.4f}  "
+              f"macro-F1 {res['macro_f1']:.4f}")
+
+
 def cmd_embed(args: argparse.Namespace) -> None:
     import numpy as np
 

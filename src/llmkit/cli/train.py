@@ -147,9 +147,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "instruction + source with the target, through its chat template) (default: classify)")
     ft.add_argument("--model", help=f"the base model: {MODEL_HELP}; text2text also takes a model preset (e.g. "
                                     "seq2seq-tiny: a fresh encoder–decoder)")
-    ft.add_argument("--data", help="classify: movie-reviews (built in) or a .csv/.tsv/.jsonl file with text and "
-                                   "label columns; text2text/sft: bible-kjv-web (built in) or a .jsonl/.tsv file "
-                                   "with source and target fields")
+    ft.add_argument("--data", help="classify: movie-reviews or vader-amazon (built in) or a .csv/.tsv/.jsonl file "
+                                   "with text and label columns (the built-in vader-nyt and vader-tweets are "
+                                   "test-only: `llmkit eval`); text2text/sft: bible-kjv-web (built in) or a "
+                                   ".jsonl/.tsv file with source and target fields")
     ft.add_argument("--out", required=True, help="run folder to write")
     ft.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights "
                                                         "(classify: + the new head; sft: merged into the saved "

@@ -7,6 +7,11 @@ exports. Importance is what a unit adds to the residual stream on calibration te
 of its output (as in FLAP / Wanda-sp, with the activations of the dense model):
 - MLP neuron j: ||W_down[:, j]||^2 * E[h_j^2], h the input of the down projection;
 - attention head h: E||W_o[:, h] y_h||^2 = trace(W_h^T W_h E[y_h y_h^T]), y_h the head's output before o_proj.
+The kept units then take over what the removed ones did, as far as a linear map can: the matrix that reads them
+(the MLP's down projection, attention's output projection) is refitted by least squares to reproduce the dense
+layer's output on the calibration activations, W_K + W_R G_RK (G_KK + lambda I)^-1 with G = X^T X (the
+compensation step of OBS-style structured pruning, e.g. SlimGPT / ZipLM; FLAP's bias compensation is its
+rank-one cousin). It costs one Gram matrix per layer and starts any recovery fine-tune from a far better point.
 Grouped-query attention: `heads` removes the same number of query heads from every KV group (the KV cache keeps
 its size); `kv_groups` removes whole groups (a KV head and its query heads; the cache shrinks too). With one
 query head per KV head the two are the same.
@@ -77,29 +82,46 @@ def importance(model: nn.Module, ids: Tensor, counts: Counts, quiet: bool = True
         names += [f"blocks.{i}.mlp.proj" for i in range(cfg.n_layer)]
     if counts.heads_per_group or counts.groups:
         names += [f"blocks.{i}.attn.proj" for i in range(cfg.n_layer)]
-    stats: dict[str, Tensor] = {}
+    grams: dict[str, Tensor] = {}
 
     def add(name: str, x: Tensor) -> None:  # x (rows, in)
         x = x.float()
-        if name.endswith("mlp.proj"):
-            s = x.pow(2).sum(0)  # (I,)
-        else:
-            y = x.view(-1, nh, hs)  # (rows, nh, hs)
-            s = torch.einsum("rhd,rhe->hde", y, y)  # (nh, hs, hs): each head's Gram matrix
-        stats[name] = stats[name] + s if name in stats else s
+        g = x.T @ x  # (in, in): the input's Gram matrix, for importance and for compensation
+        grams[name] = grams[name] + g if name in grams else g
 
     capture_linear_inputs(model, ids, names, add, quiet=quiet)
     modules = dict(model.named_modules())
-    out: dict[str, list[Tensor]] = {"neurons": [], "heads": []}
+    out: dict[str, list[Tensor]] = {"neurons": [], "heads": [], "mlp_gram": [], "attn_gram": []}
     for i in range(cfg.n_layer):
         if counts.neurons:
+            g = grams[f"blocks.{i}.mlp.proj"]  # (I, I)
             w = modules[f"blocks.{i}.mlp.proj"].weight.float()  # (C, I)
-            out["neurons"].append(w.pow(2).sum(0) * stats[f"blocks.{i}.mlp.proj"])  # (I,)
+            out["neurons"].append(w.pow(2).sum(0) * g.diagonal())  # (I,)
+            out["mlp_gram"].append(g)
         if counts.heads_per_group or counts.groups:
+            g = grams[f"blocks.{i}.attn.proj"]  # (nh * hs, nh * hs)
+            per_head = g.view(nh, hs, nh, hs).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (nh, hs, hs)
             w = modules[f"blocks.{i}.attn.proj"].weight.float().view(-1, nh, hs)  # (C, nh, hs)
             wtw = torch.einsum("chd,che->hde", w, w)  # (nh, hs, hs)
-            out["heads"].append((wtw * stats[f"blocks.{i}.attn.proj"]).sum((1, 2)))  # (nh,)
+            out["heads"].append((wtw * per_head).sum((1, 2)))  # (nh,)
+            out["attn_gram"].append(g)
     return out
+
+
+def compensate(w: Tensor, gram: Tensor, keep: Tensor, damp: float = 0.01) -> Tensor:
+    """The columns `keep` of `w` (out, in), corrected so that x[:, keep] @ result.T best reproduces x @ w.T on the
+    calibration inputs whose Gram matrix is `gram` (in, in): the kept columns absorb the part of the removed
+    inputs they can predict, W_K + W_R G_RK (G_KK + lambda I)^-1. A removed input that was always zero or whose
+    weights were zero changes nothing. `damp` (a fraction of G_KK's mean diagonal, as GPTQ's) keeps the solve
+    stable when kept inputs are nearly collinear or never active."""
+    drop = torch.ones(w.shape[1], dtype=torch.bool)
+    drop[keep] = False
+    g = gram.double()
+    gkk = g[keep][:, keep]  # (K, K)
+    gkk = gkk + damp * gkk.diagonal().mean().clamp_min(1e-12) * torch.eye(len(keep), dtype=g.dtype)
+    rhs = g[keep][:, drop] @ w[:, drop].double().T  # (K, out): what the removed inputs wrote, seen from the kept
+    delta = torch.linalg.solve(gkk, rhs).T  # (out, K)
+    return (w[:, keep].double() + delta).to(w.dtype).contiguous()
 
 
 def _top(scores: Tensor, keep: int) -> Tensor:
@@ -139,7 +161,7 @@ def shrink(weights: dict[str, Tensor], cfg: ModelConfig, counts: Counts,
             for name in (p + "mlp.fc.weight", p + "mlp.fc.bias"):
                 if name in out:
                     out[name] = out[name][rows].contiguous()
-            out[p + "mlp.proj.weight"] = out[p + "mlp.proj.weight"][:, keep].contiguous()
+            out[p + "mlp.proj.weight"] = compensate(out[p + "mlp.proj.weight"], scores["mlp_gram"][i], keep)
             new_inter = len(keep)
         if counts.heads_per_group or counts.groups:
             q, kv = kept_heads(scores["heads"][i], cfg, counts)
@@ -147,7 +169,8 @@ def shrink(weights: dict[str, Tensor], cfg: ModelConfig, counts: Counts,
             for name in (p + "attn.qkv.weight", p + "attn.qkv.bias"):
                 if name in out:
                     out[name] = out[name][rows].contiguous()
-            out[p + "attn.proj.weight"] = out[p + "attn.proj.weight"][:, _head_rows(q, hs)].contiguous()
+            out[p + "attn.proj.weight"] = compensate(out[p + "attn.proj.weight"], scores["attn_gram"][i],
+                                                     _head_rows(q, hs))
             new_nh, new_nkv = len(q), len(kv)
     new_cfg = replace(cfg, n_head=new_nh, n_kv_head=new_nkv, head_dim=hs, intermediate_size=new_inter)
     return out, new_cfg

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from llmkit.config.sections import MODEL_PRESETS, FinetuneRunConfig, ModelConfig, RunConfig
+from llmkit.config.sections import AUTO_SIZED, MODEL_PRESETS, FinetuneRunConfig, ModelConfig, RunConfig
 from llmkit.errors import CheckpointError, ConfigError
 from llmkit.files import atomic_write_text
 
@@ -98,6 +98,9 @@ def build(cls: type, values: dict[str, Any] | None, where: str = "") -> Any:
     """Build dataclass `cls` from a mapping, recursing into nested sections; unknown keys are errors."""
     values = dict(values or {})
     if cls is ModelConfig and "preset" in values:
+        if values["preset"] == "auto" and (fixed := [k for k in AUTO_SIZED if k in values]):
+            raise ConfigError(f"{where}{fixed[0]}: model.preset auto chooses it from the time budget; drop it, or "
+                              "name a fixed preset (e.g. tiny)")
         values = {**model_preset(values.pop("preset")), **values}
     names = [f.name for f in fields(cls)]
     for key in values:

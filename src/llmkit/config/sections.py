@@ -76,6 +76,10 @@ class ModelConfig:
     """Rotary frequency scaling of a long-context checkpoint, as in HF's config (llama only): {rope_type: llama3,
     factor, low_freq_factor, high_freq_factor, original_max_position_embeddings} or {rope_type: linear, factor};
     empty means none."""
+    autosize: bool = False
+    """Set by preset `auto`: `llmkit pretrain` times a few shapes on this machine and trains the one that
+    train.max_minutes makes compute-optimal (n_layer, n_head, n_kv_head, n_embd, intermediate_size; see
+    train/autosize.py). The run's config.yaml keeps the chosen shape, autosize.json the measurements."""
 
     def __post_init__(self) -> None:
         if self.arch not in ("gpt2", "llama", "bert", "mbart", "lstm"):
@@ -138,10 +142,14 @@ def _check_rope_scaling(rs: Any) -> None:
                               f"{rs.get(key)!r}")
 
 
+# What preset `auto` decides itself: setting one of them beside it is an error, not silently overridden.
+AUTO_SIZED = ("n_layer", "n_head", "n_kv_head", "n_embd", "head_dim", "intermediate_size")
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # The demo: small enough to train well in minutes on a 2-core laptop CPU.
     "tiny": dict(arch="llama", n_layer=6, n_head=6, n_kv_head=6, n_embd=384, block_size=256, bias=False,
                  tie_embeddings=True, intermediate_size=1024, dropout=0.0),
+    # The shape a time budget makes compute-optimal here (train/autosize.py): the tiny flavour, sized by pretrain.
+    "auto": dict(arch="llama", block_size=256, bias=False, tie_embeddings=True, dropout=0.0, autosize=True),
     "gpt2-124m": dict(arch="gpt2", n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
     "gpt2-350m": dict(arch="gpt2", n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50257),
     # The shape of HuggingFaceTB/SmolLM2-135M(-Instruct).
@@ -290,6 +298,10 @@ class TrainConfig:
                  "none or tensorboard")
 
 
+# finetune.augment's edits (data/augment.py applies them); named here so a config is checked where it is built.
+AUGMENTATIONS = ("word_dropout", "word_swap")
+
+
 @dataclass
 class FinetuneConfig:
     """What `llmkit finetune` adapts a pretrained model to (unused by `llmkit pretrain`)."""
@@ -326,6 +338,21 @@ class FinetuneConfig:
     """Dropout on the LoRA input."""
     lora_targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc"])
     """Module names that get adapters (`qkv`, `proj` = attention and MLP output, `fc` = MLP input)."""
+    dropout: float | None = None
+    """classify: dropout inside the backbone while fine-tuning (embeddings, attention weights, residual branches),
+    a regulariser against memorising the training domain; empty keeps the backbone's own (the built-in models
+    are converted for inference, with none)."""
+    augment: list[str] = field(default_factory=list)
+    """classify: random edits to each training text, drawn afresh (seeded by data.seed) every time a batch takes
+    it; validation and test texts are never edited. `word_dropout` deletes each word with probability augment_p,
+    `word_swap` swaps a word with its right neighbour with probability augment_p; empty = none."""
+    augment_p: float = 0.1
+    """Per-word probability of each augmentation in finetune.augment, in (0, 0.5]."""
+    mix: list[str] = field(default_factory=list)
+    """classify: more labelled data from domains you have (built-in `vader-amazon`, or CSV/TSV/JSONL files with
+    the same text/label fields), each cut by the same fixed 80/10/10 split: its training and validation parts join
+    the main data's (shuffled together; max_train/val_examples then apply), its test part is scored separately
+    into eval.json (`mix`). The test-only sets (vader-nyt, vader-tweets) are refused."""
     source_field: str = "source"
     """text2text / sft pair files: key (JSONL) or column (TSV) holding the source text."""
     target_field: str = "target"
@@ -359,6 +386,22 @@ class FinetuneConfig:
         for name in ("text_field", "label_field", "source_field", "target_field"):
             _require(bool(getattr(self, name)), f"finetune.{name}", getattr(self, name), "a column or key name")
         _require(len(set(self.labels)) == len(self.labels), "finetune.labels", self.labels, "distinct names")
+        self._check_generalisation()
+
+    def _check_generalisation(self) -> None:
+        """The classify-only remedies (dropout, augmentation, domain mixing): one-line errors for bad values."""
+        used = [k for k, on in (("dropout", self.dropout is not None), ("augment", self.augment),
+                                ("mix", self.mix)) if on]
+        if used and self.task != "classify":
+            raise ConfigError(f"finetune.{used[0]}: applies to --task classify only, not {self.task}")
+        if self.dropout is not None:
+            _require(0 <= self.dropout < 1, "finetune.dropout", self.dropout, "in [0, 1) (or empty: the model's own)")
+        for op in self.augment:
+            _require(op in AUGMENTATIONS, "finetune.augment", op, f"one of {', '.join(AUGMENTATIONS)}")
+        _require(len(set(self.augment)) == len(self.augment), "finetune.augment", self.augment, "distinct names")
+        _require(0 < self.augment_p <= 0.5, "finetune.augment_p", self.augment_p, "in (0, 0.5]")
+        _require(all(str(m).strip() for m in self.mix) and len(set(self.mix)) == len(self.mix), "finetune.mix",
+                 self.mix, "distinct dataset names or files")
 
 
 @dataclass

@@ -162,15 +162,18 @@ class Tokenizer:
     # ------------------------------------------------------------------ builders
     @classmethod
     def train_bpe(cls, texts: Iterable[str], vocab_size: int, special_tokens: tuple[str, ...] = (EOS, PAD),
-                  length: int | None = None) -> Tokenizer:
-        """Byte-level BPE (GPT-2's scheme): every UTF-8 string round-trips exactly, no unknown tokens."""
+                  length: int | None = None, progress: bool = True) -> Tokenizer:
+        """Byte-level BPE (GPT-2's scheme): every UTF-8 string round-trips exactly, no unknown tokens.
+        `progress=False` silences the trainer, whose bars leave blank lines on stdout even when it is not a
+        terminal (they would break a caller's JSON-lines output)."""
         if vocab_size < 256 + len(special_tokens) + 1:
             raise DataError(f"--vocab-size {vocab_size} is too small for byte-level BPE (at least 259)")
         tk = HFTokenizer(models.BPE())
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tk.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True)
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=progress)
         tk.train_from_iterator(_nonempty(texts), trainer=trainer, length=length)
         return cls(tk, kind="bpe")
 

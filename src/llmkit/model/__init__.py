@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from llmkit.config import ModelConfig
+from llmkit.errors import ConfigError
 from llmkit.model.decoder import DecoderLM, DecoderOutput
 from llmkit.model.encoder import EncoderLM, EncoderOutput
 from llmkit.model.layers import KVCache
@@ -23,6 +24,9 @@ OPTIONAL_HEADS = ("mlm.", "nsp.", "pooler.")
 
 
 def build_model(cfg: ModelConfig) -> DecoderLM | EncoderLM | Seq2SeqLM:
+    if cfg.autosize:  # its shape is not decided yet: only `llmkit pretrain` measures and decides it
+        raise ConfigError("model.preset auto is sized by `llmkit pretrain` under train.max_minutes; here name a "
+                          "fixed preset (e.g. tiny) or a shape")
     return ARCHITECTURES[cfg.arch](cfg)
 
 

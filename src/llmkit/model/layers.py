@@ -51,7 +51,8 @@ class Transformer(nn.Module):
             n -= sum(m.weight.numel() for name in self.lookup_tables if (m := getattr(self, name, None)) is not None)
         return n
 
-    def flops_per_token(self, seq_len: int | None = None, head_share: float = 1.0) -> float:
+    def flops_per_token(self, seq_len: int | None = None, head_share: float = 1.0,
+                        shares: dict[int, float] | None = None) -> float:
         """Training FLOPs per token for what actually runs and learns: PaLM's 6N + 12·L·H·Q·T (appendix B) when
         every weight trains and the head runs on every token, less when some are frozen or idle.
 
@@ -63,11 +64,14 @@ class Transformer(nn.Module):
         output head (`heads`) runs on `head_share` of the tokens: 1 for causal LM, the mask rate for MLM, 0 for
         classification (it pools hidden states); per-text modules (`per_text`: pooler, NSP) are left out.
         Attention scores (QK^T and AV over the full T x T, as nanoGPT and PaLM count them) cost 4·H·Q·T per
-        layer forward and twice that backward once the gradient flows there."""
+        layer forward and twice that backward once the gradient flows there. `shares` (module id -> fraction of
+        the tokens it runs on) covers models whose parts see different tokens: an encoder–decoder's encoder
+        reads the source tokens, its decoder the target tokens."""
         T = seq_len or self.cfg.block_size
         scores = 4 * self.cfg.n_head * self.cfg.head_dim * T  # QK^T and AV, per token and layer, forward
         share = {id(m): head_share for n in self.heads if (m := getattr(self, n, None)) is not None}
         share |= {id(m): 0.0 for n in self.per_text if (m := getattr(self, n, None)) is not None}
+        share |= shares or {}
         total, flows = 0.0, False
 
         def walk(module: nn.Module, scale: float) -> None:
@@ -75,7 +79,7 @@ class Transformer(nn.Module):
             scale = share.get(id(module), scale)
             if isinstance(module, Attention):  # the scores sit between the qkv and the output projection
                 walk(module.qkv, scale)
-                total += scores * (3 if flows else 1)
+                total += scale * scores * (3 if flows else 1)
                 walk(module.proj, scale)
                 return
             own = list(module.parameters(recurse=False))

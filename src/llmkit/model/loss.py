@@ -5,6 +5,9 @@ an fp32 copy, log-softmax, its gradient and a bf16 copy of that, each tokens x v
 goes matmul -> log-sum-exp -> softmax gradient while it is still in cache, and only the bf16 gradient of the
 logits is kept for the two backward matmuls (the idea of Liger's and Apple's cut cross-entropy kernels, in plain
 PyTorch). The loss and gradients equal `F.cross_entropy(h @ W.T, labels)` up to floating-point rounding.
+
+Under torch.compile the whole pass is traced into the model's one graph (no graph break: the chunk loop unrolls,
+its bounds being static shapes); only how the chunks' gradients are joined differs (see `_GradRows`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,30 @@ def compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+class _GradRows:
+    """The (N, V) gradient of the logits, filled chunk by chunk while each chunk is in cache.
+
+    Eagerly, each chunk is written into one buffer allocated up front. Traced by torch.compile, a slice
+    assignment becomes a functional `slice_scatter` of the whole (N, V) buffer per chunk, which Inductor does
+    not turn back into an in-place write (it expects to fuse it) — a chain of up to N / CHUNK full-buffer
+    passes; so there the chunks are joined by one `cat`, whose inputs Inductor computes straight into their
+    rows of the output. The same numbers either way."""
+
+    def __init__(self, n: int, v: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.dtype = dtype
+        self.parts: list[Tensor] | None = [] if torch.compiler.is_compiling() else None
+        self.buf = None if self.parts is not None else torch.empty(n, v, dtype=dtype, device=device)  # (N, V)
+
+    def put(self, start: int, rows: Tensor) -> None:
+        if self.parts is not None:
+            self.parts.append(rows.to(self.dtype))  # (n, V)
+        else:
+            self.buf[start:start + rows.shape[0]] = rows  # type: ignore[index]
+
+    def done(self) -> Tensor:
+        return torch.cat(self.parts) if self.parts is not None else self.buf  # type: ignore[return-value]
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
@@ -35,7 +62,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hc, wc = h.to(dtype), weight.to(dtype)
         n_valid = (labels != IGNORE_INDEX).sum().clamp(min=1)
         grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        g_logits = torch.empty(h.shape[0], weight.shape[0], dtype=dtype, device=h.device) if grad else None
+        g_logits = _GradRows(h.shape[0], weight.shape[0], dtype, h.device) if grad else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         chunk = CHUNK if h.device.type == "cpu" else max(CHUNK, GPU_CHUNK_LOGITS // weight.shape[0])
         for s in range(0, h.shape[0], chunk):
@@ -49,9 +76,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs = logits.sub_(lse).exp_()  # (n, V), in place
                 probs.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=probs.dtype))
                 probs.mul_((ok / n_valid)[:, None])
-                g_logits[s:s + chunk] = probs
+                g_logits.put(s, probs)
         if grad:
-            ctx.save_for_backward(hc, wc, g_logits)
+            ctx.save_for_backward(hc, wc, g_logits.done())
             ctx.dtypes = (h.dtype, weight.dtype)
         return total / n_valid
 
@@ -78,7 +105,7 @@ class _LinearForwardKL(torch.autograd.Function):
         hc, wc = h.to(dtype), weight.to(dtype)
         n_valid = (labels != IGNORE_INDEX).sum().clamp(min=1)
         grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        g_logits = torch.empty(h.shape[0], weight.shape[0], dtype=dtype, device=h.device) if grad else None
+        g_logits = _GradRows(h.shape[0], weight.shape[0], dtype, h.device) if grad else None
         ce = torch.zeros((), dtype=torch.float32, device=h.device)
         kd = torch.zeros((), dtype=torch.float32, device=h.device)
         T, a = temperature, alpha
@@ -105,9 +132,9 @@ class _LinearForwardKL(torch.autograd.Function):
                     g.sub_(t_p, alpha=a * T)
                 else:
                     g.scatter_add_(1, ids, t_p.mul(-a * T))
-                g_logits[s:s + chunk] = g.mul_((ok / n_valid)[:, None])
+                g_logits.put(s, g.mul_((ok / n_valid)[:, None]))
         if grad:
-            ctx.save_for_backward(hc, wc, g_logits)
+            ctx.save_for_backward(hc, wc, g_logits.done())
             ctx.dtypes = (h.dtype, weight.dtype)
         ce, kd = ce / n_valid, kd / n_valid
         ctx.mark_non_differentiable(ce, kd)

@@ -120,6 +120,17 @@ class Seq2SeqLM(Transformer):
             self.lm_head.weight = self.embed.weight
         self.init_weights(scaled_residuals=True)
 
+    def flops_per_token(self, seq_len: int | None = None, head_share: float = 1.0,
+                        shares: dict[int, float] | None = None, source_share: float = 0.5) -> float:
+        """Training FLOPs per token of a pair batch (source and target tokens counted together): the encoder
+        runs on the source tokens (`source_share` of them), the decoder and the head on the target tokens. Counting
+        every weight for every token, as a decoder-only model may, would double the figure (an MFU over 100 %)."""
+        enc = [self.enc_pos_embed, self.enc_embed_norm, self.enc_blocks, self.enc_norm]
+        dec = [self.dec_pos_embed, self.dec_embed_norm, self.dec_blocks, self.dec_norm]
+        split = {id(m): source_share for m in enc} | {id(m): 1.0 - source_share for m in dec}
+        split[id(self.lm_head)] = (1.0 - source_share) * head_share
+        return super().flops_per_token(seq_len, head_share, split | (shares or {}))
+
     def _embed(self, ids: Tensor, start: int, pos: nn.Embedding, norm: nn.Module) -> Tensor:
         """Token + learned position (counted from `start`, mBART's +2 offset), normalised: (B, T) -> (B, T, C)."""
         T = ids.shape[1]

@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from llmkit.config import FinetuneRunConfig
+from llmkit.config import FinetuneRunConfig, load_yaml
 from llmkit.data.batches import fixed_batches
-from llmkit.data.labelled import Examples
+from llmkit.data.labelled import Examples, eval_split
 from llmkit.data.tokenizer import Tokenizer
 from llmkit.data.wordpiece import encode_texts
-from llmkit.errors import CheckpointError, ConfigError
+from llmkit.errors import CheckpointError, ConfigError, DataError
 from llmkit.infer.load import Loaded, load_model
 from llmkit.model.encoder import last_token_pool, mean_pool
 from llmkit.model.weights import load_into
@@ -130,3 +130,29 @@ def load_classifier(run_dir: str | Path | Loaded, device: str = "cpu") -> Loaded
     model = Classifier(got.model, len(cfg.finetune.labels), cfg.finetune.pooling).to(got.model.embed.weight.device)
     load_into(model, got.weights, Path(run_dir) / "model.safetensors")  # the head; the backbone again, checked
     return LoadedClassifier(model.eval(), got.tokenizer, cfg)
+
+
+def is_classifier_run(src: str | Path) -> bool:
+    """Whether `src` is a `finetune --task classify` run folder (read from its config.yaml alone, no weights):
+    how `llmkit eval` picks its task when none is given."""
+    cfg_file = Path(src) / "config.yaml"
+    if not cfg_file.is_file():
+        return False
+    try:
+        values = load_yaml(cfg_file)
+    except (ConfigError, OSError):
+        return False  # the loader says what is wrong with it
+    return (values.get("train") or {}).get("objective") == "classify"
+
+
+def evaluate_classifier_on(clf: LoadedClassifier, data: str, part: str = "test",
+                           batch_size: int = 64) -> dict[str, Any]:
+    """`llmkit eval` of a classifier: accuracy, macro-F1, per-class figures and the confusion matrix on one part
+    of a labelled set (`all` = every row; a test-only set's test part is all of it)."""
+    ft = clf.cfg.finetune
+    ex = eval_split(data, part, ft.text_field, ft.label_field)
+    unknown = sorted(set(ex.labels) - set(clf.labels))
+    if unknown:
+        raise DataError(f"{data}: label(s) {unknown} are not classes of this classifier ({', '.join(clf.labels)})")
+    report = evaluate_classifier(clf.model, clf.tokenizer, ex, clf.labels, ft.max_length, batch_size)
+    return {"data": data, "split": part, **report}

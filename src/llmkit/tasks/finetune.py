@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from llmkit.config import FinetuneRunConfig, apply_overrides, build, coerce, load_yaml, save_yaml
+from llmkit.data.augment import AugmentedBatches
 from llmkit.data.batches import LabelledBatches, fixed_batches
-from llmkit.data.labelled import label_set, load_examples, split
+from llmkit.data.labelled import Examples, label_set, load_examples, split
 from llmkit.data.tokenizer import Tokenizer
 from llmkit.data.wordpiece import encode_texts
 from llmkit.errors import ConfigError
@@ -92,6 +93,41 @@ def add_lora(model: nn.Module, cfg: FinetuneRunConfig) -> nn.Module:
                                             target_modules=list(ft.lora_targets), modules_to_save=save))
 
 
+def classify_splits(cfg: FinetuneRunConfig) -> tuple[dict[str, Examples], dict[str, Examples]]:
+    """The train/val/test texts of a classify run, and the test part of each mixed-in domain by name.
+
+    Mixed domains (finetune.mix) are cut by the same fixed split; their train and val parts join the main data's
+    and are shuffled in with it (seeded by data.seed), so the max_train/val_examples caps keep the domains'
+    proportions. The test split stays the main data's alone: figures stay comparable with and without mixing.
+    Sets `cfg.finetune.labels` (checked against every part)."""
+    ft = cfg.finetune
+    splits = split(load_examples(cfg.data.path, ft.text_field, ft.label_field))
+    mixed: dict[str, Examples] = {}
+    for name in ft.mix:
+        if name == cfg.data.path:
+            raise ConfigError(f"finetune.mix: {name!r} is the main data (--data) already")
+        extra = split(load_examples(name, ft.text_field, ft.label_field))
+        splits["train"], splits["val"] = splits["train"] + extra["train"], splits["val"] + extra["val"]
+        mixed[name] = extra["test"]
+    ft.labels = label_set({**splits, **{f"{name} test": ex for name, ex in mixed.items()}}, ft.labels)
+    for part, cap in (("train", ft.max_train_examples), ("val", ft.max_val_examples)):
+        ex = splits[part]
+        if mixed:  # shuffled so the domains interleave (the main data alone is already in seeded order)
+            ex = ex.take(np.random.default_rng([cfg.data.seed, part == "val"]).permutation(len(ex)))
+        splits[part] = ex.take(range(min(cap, len(ex)))) if cap else ex
+    return splits, mixed
+
+
+def set_dropout(backbone: nn.Module, p: float) -> None:
+    """Dropout probability p everywhere in a backbone built with another: its nn.Dropout modules and THE
+    attention's dropout on attention weights (a float the attention reads each forward)."""
+    for m in backbone.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        if hasattr(m, "attn_dropout"):
+            m.attn_dropout = p
+
+
 def finetune(cfg: FinetuneRunConfig, out_dir: str | Path, resume: bool = False, quiet: bool = False,
              overwrite: bool = False) -> dict[str, Any]:
     """Fine-tune `cfg.finetune.base` on `cfg.data.path`; returns (and writes to eval.json) the test figures.
@@ -104,13 +140,11 @@ def finetune(cfg: FinetuneRunConfig, out_dir: str | Path, resume: bool = False, 
     start_run_folder(out, resume=resume, overwrite=overwrite)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    splits = split(load_examples(cfg.data.path, ft.text_field, ft.label_field))
-    ft.labels = label_set(splits, ft.labels)
-    if ft.max_train_examples:
-        splits["train"] = splits["train"].take(range(min(ft.max_train_examples, len(splits["train"]))))
-    if ft.max_val_examples:
-        splits["val"] = splits["val"].take(range(min(ft.max_val_examples, len(splits["val"]))))
+    splits, mixed = classify_splits(cfg)
     bb = load_model(ft.base, seed=cfg.train.seed)
+    if ft.dropout is not None:
+        set_dropout(bb.model, ft.dropout)
+        bb.cfg.dropout = ft.dropout
     cfg.model = bb.cfg
     ft.pooling = resolve_pooling(ft.pooling, bb.cfg.arch)
     ft.max_length = min(ft.max_length, bb.cfg.block_size)
@@ -129,7 +163,12 @@ def finetune(cfg: FinetuneRunConfig, out_dir: str | Path, resume: bool = False, 
     out.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, out / "config.yaml")
     tok.save(out / "tokenizer")
-    batches = LabelledBatches(ids["train"], label_ids["train"], B, tok.pad_id, seed=cfg.data.seed)
+    if ft.augment:  # edited afresh in every training batch; val and test keep their clean ids
+        batches: LabelledBatches = AugmentedBatches(
+            ids["train"], splits["train"].texts, label_ids["train"], lambda t: encode_texts(tok, t, ft.max_length),
+            B, tok.pad_id, ft.augment, ft.augment_p, seed=cfg.data.seed)
+    else:
+        batches = LabelledBatches(ids["train"], label_ids["train"], B, tok.pad_id, seed=cfg.data.seed)
     val, _ = fixed_batches(ids["val"], label_ids["val"], B, tok.pad_id)
     mean_len = float(np.mean([len(r) for r in ids["train"]]))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -151,7 +190,11 @@ def finetune(cfg: FinetuneRunConfig, out_dir: str | Path, resume: bool = False, 
         plain = write_classifier_folder(model, cfg, tok, out)
     t1 = time.perf_counter()
     report = evaluate_classifier(plain, tok, splits["test"], ft.labels, ft.max_length, batch_size=2 * B)
+    if mixed:  # each mixed-in domain's own test part, scored apart from the main test split
+        report["mix"] = {name: {k: r[k] for k in ("accuracy", "macro_f1", "n_test")} for name, ex in mixed.items()
+                         for r in [evaluate_classifier(plain, tok, ex, ft.labels, ft.max_length, batch_size=2 * B)]}
     report.update(base=ft.base, data=cfg.data.path, lora=ft.lora, pooling=ft.pooling, steps=result.step,
+                  dropout=ft.dropout, augment=ft.augment, augment_p=ft.augment_p if ft.augment else None,
                   stopped_early=result.stopped_early, **{f"best_{cfg.train.select_metric}": result.best_val},
                   val_accuracy=result.last.get("val_accuracy"), n_train=len(ids["train"]),
                   trainable_params=trainable, total_params=total, train_minutes=round(train_s / 60, 2),

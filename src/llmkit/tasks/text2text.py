@@ -43,7 +43,7 @@ def pair_tokenizer(cfg: FinetuneRunConfig, train_pairs: list[Pair], out: Path, r
         print(f"training a {ft.tokenizer_vocab_size:,}-token BPE on both sides of {len(train_pairs):,} pairs",
               file=sys.stderr)
     texts = [t for p in train_pairs for t in (p.source, p.target)]
-    return Tokenizer.train_bpe(texts, ft.tokenizer_vocab_size, length=len(texts))
+    return Tokenizer.train_bpe(texts, ft.tokenizer_vocab_size, length=len(texts), progress=not quiet)
 
 
 def text2text(cfg: FinetuneRunConfig, out_dir: str | Path, resume: bool = False, quiet: bool = False,
@@ -76,6 +76,7 @@ def text2text(cfg: FinetuneRunConfig, out_dir: str | Path, resume: bool = False,
     B = cfg.data.batch_size
     batches, val = start_pair_run(cfg, tok, rows, "seq2seq", out, resume, overwrite)
     mean_len = sum(len(a) + len(b) for a, b in rows["train"]) / len(rows["train"])
+    source_share = sum(len(a) for a, _ in rows["train"]) / (mean_len * len(rows["train"]))
     if not quiet:
         print(f"text2text: {cfg.model.arch} {model.num_params() / 1e6:.2f} M parameters "
               f"({cfg.model.n_encoder_layer}+{cfg.model.n_layer} layers x {cfg.model.n_embd}, vocabulary "
@@ -83,7 +84,8 @@ def text2text(cfg: FinetuneRunConfig, out_dir: str | Path, resume: bool = False,
               f"validation pairs of {cfg.data.path}; {cfg.train.max_steps} steps")
     t0 = time.perf_counter()
     result = train(model, Seq2Seq(tok, ft.label_smoothing), cfg.train, batches, val, out, resume=resume,
-                   tokens_per_batch=round(mean_len * B), flops_per_token=model.flops_per_token(round(mean_len / 2)),
+                   tokens_per_batch=round(mean_len * B),
+                   flops_per_token=model.flops_per_token(round(mean_len / 2), source_share=source_share),
                    callbacks=list(callbacks), quiet=quiet)
     return summary(cfg, out, result, {"train_pairs": len(rows["train"]), "val_pairs": len(rows["validation"])},
                    time.perf_counter() - t0)

@@ -35,7 +35,7 @@ from llmkit.model.weights import load_weights, save_weights
 KEEP_CHECKPOINTS = 2
 # What a training run writes; `--overwrite` removes exactly these (never a user's other files).
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "model.safetensors", "loss.png", "tensorboard", "eval.json",
-               "confusion_matrix.png", "adapter")
+               "confusion_matrix.png", "adapter", "autosize.json")
 USED_MARKERS = ("checkpoints", "metrics.jsonl", "model.safetensors")  # any of them: an earlier run was here
 # Fault-injection hook for bench/faults.py: seconds to sleep between the files of a checkpoint, so that a random
 # SIGKILL often lands mid-write. Unset (the default) it costs nothing.

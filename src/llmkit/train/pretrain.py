@@ -6,6 +6,7 @@ resolved config and the tokenizer in the run folder, and turns validation loss i
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -16,9 +17,11 @@ from llmkit.data.batches import TokenBatches
 from llmkit.data.shards import load_meta
 from llmkit.data.tokenizer import Tokenizer
 from llmkit.errors import ConfigError
+from llmkit.files import atomic_write_text
 from llmkit.model import build_model
 from llmkit.model.loss import lm_figures
 from llmkit.runtime import resolve_device
+from llmkit.train import autosize
 from llmkit.train.checkpoint import start_run_folder
 from llmkit.train.distributed import setup_distributed
 from llmkit.train.loop import TrainResult, train
@@ -33,15 +36,24 @@ def pretrain(cfg: RunConfig, run_dir: str | Path, resume: bool = False, quiet: b
     if masked != (cfg.model.arch == "bert") or cfg.train.objective == "classify":
         raise ConfigError(f"train.objective {cfg.train.objective!r} does not pretrain model.arch {cfg.model.arch!r} "
                           "(bert: mlm or mlm+nsp; gpt2/llama: causal_lm; classify is for `llmkit finetune`)")
+    if cfg.model.autosize:
+        autosize.check(cfg)  # bad input fails before anything is measured or written
     meta = load_meta(cfg.data.path)
     cfg.model.vocab_size = meta["vocab_size"]  # the data decides the vocabulary
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    sized, auto = None, cfg.model.autosize
+    if auto:  # time a few shapes, train the one the budget makes compute-optimal; refuse a used folder first,
+        start_run_folder(run_dir, resume=resume, overwrite=overwrite)  # and seed after: the run's init stays put
+        sized = autosize.resolve(cfg, run_dir, resume, quiet)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
-    start_run_folder(run_dir, resume=resume, overwrite=overwrite)
+    if not auto:
+        start_run_folder(run_dir, resume=resume, overwrite=overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, run_dir / "config.yaml")
+    if sized:
+        atomic_write_text(run_dir / autosize.RECORD, json.dumps(sized, indent=1) + "\n")
     tok_src = Path(cfg.data.path) / meta.get("tokenizer", "tokenizer")
     if tok_src.resolve() != (run_dir / "tokenizer").resolve():
         shutil.copytree(tok_src, run_dir / "tokenizer", dirs_exist_ok=True)
