@@ -2,12 +2,15 @@
 demo-like model, measured by one `llmkit compare` run per model family, beside `transformers` fp32 decoding.
 
 Rows per family (JSON lines, `compress.compare` fields plus `family` and `row`): base fp32, llmkit bf16, int8,
-int4 rtn g64, int4 gptq g64, prune magnitude 50 %, prune wanda 50 %, structured MLP -40 % (--structured-sparsity)
-+ recovery, GGUF q8_0
-(exported, read back by llmkit's import), then `transformers` fp32 greedy decode tok/s at batch 1 on the same
-weights (llmkit's HF export of the base) in the same process, a GGUF check line (every field read by
-`gguf.GGUFReader`, logits against the source rounded to Q8_0, greedy text) and an acceptance line with the
-issue's criteria. The header line holds the machine (CPU model and flags).
+int4 rtn, int4 gptq (group --int4-group), prune magnitude 50 %, prune wanda 50 %, structured MLP -40 %
+(--structured-sparsity) + recovery, GGUF q8_0 (exported, read back by llmkit's import), then `transformers` fp32
+greedy decode tok/s at batch 1 on the same weights (llmkit's HF export of the base) in the same process, a GGUF
+check line (every field read by `gguf.GGUFReader`, logits against the source rounded to Q8_0, greedy text) and an
+acceptance line with the issue's criteria, sizes against the base's float32 weights (`fp32_bytes` in the family
+line). The header line holds the machine (CPU model and flags).
+
+SmolLM2's packaged weights are a Q4_1 GGUF (blocks of 32, Q8_0 embedding) read into float32: that float32 model
+is the base, and int4 at group 32 can hold its grid almost exactly (hence the --int4-group default).
 
 Held-out text (none of the models trained on it):
   * smollm2: llmkit's own README.md (written 2025-26, after SmolLM2's training data was collected; its sha256 is
@@ -25,6 +28,7 @@ Compressed models are written under --work (runs/bench-compress) and reused by a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import sys
@@ -35,17 +39,28 @@ from typing import Any
 
 import torch
 
-from llmkit.cli.main import main as llmkit
+from llmkit.cli.main import main as cli_main
 from llmkit.errors import LLMKitError
 from train_throughput import machine
 
-ROWS = ["base fp32", "llmkit bf16", "int8", "int4 rtn g64", "int4 gptq g64", "prune magnitude 50%",
+ROWS = ["base fp32", "llmkit bf16", "int8", "int4 rtn", "int4 gptq", "prune magnitude 50%",
         "prune wanda 50%", "structured mlp + recovery", "gguf q8_0"]
-SLUG = {r: r.split(" + ")[0].replace(" ", "-").replace("%", "").replace("--", "-") for r in ROWS}
+
+
+def slug(row: str, int4_group: int) -> str:
+    """The folder (or .gguf) name of a row under --work; int4 rows carry their group size."""
+    name = row.split(" + ")[0].replace(" ", "-").replace("%", "").replace("--", "-")
+    return f"{name}-g{int4_group}" if row.startswith("int4") else name
 
 
 def emit(rec: dict[str, Any]) -> None:
     print(json.dumps(rec), flush=True)
+
+
+def llmkit(argv: list[str]) -> int:
+    """An `llmkit` command in this process, its report lines on stderr: stdout carries JSON lines only."""
+    with contextlib.redirect_stdout(sys.stderr):
+        return cli_main(argv)
 
 
 def family_setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -96,8 +111,8 @@ def builders(fam: dict[str, Any], args: argparse.Namespace) -> dict[str, Callabl
 
     return {
         "int8": quant(to="int8"),
-        "int4 rtn g64": quant(to="int4", group_size=64, method="rtn"),
-        "int4 gptq g64": quant(to="int4", group_size=64, method="gptq"),
+        "int4 rtn": quant(to="int4", group_size=args.int4_group, method="rtn"),
+        "int4 gptq": quant(to="int4", group_size=args.int4_group, method="gptq"),
         "prune magnitude 50%": prune("magnitude", 0.5),
         "prune wanda 50%": prune("wanda", 0.5),
         "structured mlp + recovery": prune("structured", args.structured_sparsity, recover_steps=args.recover_steps,
@@ -119,7 +134,7 @@ def make_rows(family: str, fam: dict[str, Any], args: argparse.Namespace) -> lis
     for row in ROWS[2:]:
         if row not in args.rows:
             continue
-        out = args.work / family / (SLUG[row] + (".gguf" if row.startswith("gguf") else ""))
+        out = args.work / family / (slug(row, args.int4_group) + (".gguf" if row.startswith("gguf") else ""))
         done = out.is_file() if out.suffix == ".gguf" else (out / "model.safetensors").is_file()
         if not (args.reuse and done):
             if row not in make:
@@ -197,36 +212,52 @@ def gguf_check(base: str, path: Path, data: Path) -> dict[str, Any]:
     got, exact = back.model(x).logits[..., :V], src.model(x).logits[..., :V]
     greedy = SamplingConfig(max_new_tokens=64, temperature=0)
     prompt = [ids[:16].tolist()]
-    same = (generate(src.model, src.tokenizer, prompt, greedy, eos_ids=set())[0].token_ids
-            == generate(back.model, back.tokenizer, prompt, greedy, eos_ids=set())[0].token_ids)
-    rounded = round_like_export(src.model, "q8_0")(x).logits[..., :V]
+
+    def text(model: torch.nn.Module) -> list[int]:
+        return generate(model, src.tokenizer, prompt, greedy, eos_ids=set())[0].token_ids
+
+    source_text, back_text = text(src.model), text(back.model)
+    rounded_model = round_like_export(src.model, "q8_0")
+    rounded = rounded_model(x).logits[..., :V]
+    common = next((i for i, (a, b) in enumerate(zip(source_text, back_text)) if a != b), len(back_text))
     return {"fields_read": len(fields), "tensors": len(reader.tensors), "file_bytes": path.stat().st_size,
             "max_abs_logit_diff_vs_q8_0_rounded_source": float((got - rounded).abs().max()),
             "max_abs_logit_diff_vs_source": float((got - exact).abs().max()),
             "max_abs_source_logit": float(exact.abs().max()), "bound_vs_rounded": 1e-3,
-            "same_greedy_64_tokens": same}
+            "same_greedy_64_tokens_vs_rounded_source": back_text == text(rounded_model),
+            "same_greedy_64_tokens_vs_source": back_text == source_text,
+            "greedy_tokens_equal_to_source_before_first_difference": common}
 
 
-def acceptance(rows: dict[str, dict[str, Any]], hf_tps: float | None) -> dict[str, Any]:
-    """The issue's criteria, each as measured (None where a row is missing)."""
+def fp32_bytes(base: str) -> int:
+    """What the base's weights take in float32 (tied tensors once): the issue's reference size. The built-in
+    SmolLM2 is read from a Q4_1 GGUF, so its packaged file is no measure of the fp32 model."""
+    from llmkit.infer.load import load_model
+    from llmkit.model.weights import weights_for_save
+
+    return sum(t.numel() * 4 for t in weights_for_save(load_model(base, "cpu", "float32").model).values())
+
+
+def acceptance(rows: dict[str, dict[str, Any]], hf_tps: float | None, fp32: int) -> dict[str, Any]:
+    """The issue's criteria, each as measured (None where a row is missing); sizes against `fp32` bytes."""
     def get(row: str, key: str) -> Any:
         return rows.get(row, {}).get(key)
 
     def ratio(a: Any, b: Any) -> float | None:
         return a / b if a is not None and b else None
 
-    i8, bf, g4 = "int8", "llmkit bf16", "int4 gptq g64"
+    i8, bf, g4 = "int8", "llmkit bf16", "int4 gptq"
     st = "structured mlp + recovery"
     return {
         "int8_dppl_pct": get(i8, "delta_ppl_pct"), "int8_same_top_token": get(i8, "same_top_token"),
         "int8_vs_transformers_fp32": ratio(get(i8, "decode_tokens_per_s"), hf_tps),
         "int8_vs_llmkit_bf16": ratio(get(i8, "decode_tokens_per_s"), get(bf, "decode_tokens_per_s")),
-        "int4_gptq_dppl_pct": get(g4, "delta_ppl_pct"), "int4_gptq_size_ratio": get(g4, "size_ratio"),
+        "int4_gptq_dppl_pct": get(g4, "delta_ppl_pct"), "int4_gptq_vs_fp32_bytes": ratio(get(g4, "bytes"), fp32),
         "int4_gptq_vs_llmkit_bf16": ratio(get(g4, "decode_tokens_per_s"), get(bf, "decode_tokens_per_s")),
-        "int4_rtn_dppl_pct": get("int4 rtn g64", "delta_ppl_pct"),
+        "int4_rtn_dppl_pct": get("int4 rtn", "delta_ppl_pct"),
         "magnitude_dppl_pct": get("prune magnitude 50%", "delta_ppl_pct"),
         "wanda_dppl_pct": get("prune wanda 50%", "delta_ppl_pct"),
-        "structured_dppl_pct": get(st, "delta_ppl_pct"), "structured_size_ratio": get(st, "size_ratio"),
+        "structured_dppl_pct": get(st, "delta_ppl_pct"), "structured_vs_fp32_bytes": ratio(get(st, "bytes"), fp32),
         "structured_speedup": get(st, "speedup"),
         "gguf_q8_0_kl": get("gguf q8_0", "kl_divergence"),
         "gguf_q8_0_same_top_token": get("gguf q8_0", "same_top_token"),
@@ -239,7 +270,8 @@ def run_family(family: str, args: argparse.Namespace) -> None:
     fam = family_setup(family, args)
     (args.work / family).mkdir(parents=True, exist_ok=True)
     specs = make_rows(family, fam, args)
-    emit({"family": family, "base": fam["base"], "held_out": str(fam["data"]),
+    fam["fp32_bytes"] = fp32_bytes(fam["base"])
+    emit({"family": family, "base": fam["base"], "fp32_bytes": fam["fp32_bytes"], "held_out": str(fam["data"]),
           "held_out_sha256": fam["data_sha256"], "rows": [r for r, _ in specs]})
     t0 = time.perf_counter()
     rows = compare([m for _, m in specs], fam["data"], max_tokens=args.max_tokens, context=args.context,
@@ -256,7 +288,7 @@ def run_family(family: str, args: argparse.Namespace) -> None:
     if "gguf q8_0" in by_row:
         check = gguf_check(fam["base"], Path(by_row["gguf q8_0"]["source"]), fam["data"])
         emit({"family": family, "row": "gguf q8_0 check", **check})
-    emit({"family": family, "acceptance": acceptance(by_row, hf_tps),
+    emit({"family": family, "acceptance": acceptance(by_row, hf_tps, fam["fp32_bytes"]),
           "compare_seconds": round(time.perf_counter() - t0, 1)})
 
 
@@ -265,7 +297,8 @@ def main() -> None:
     ap.add_argument("--families", default="smollm2,demo", help="comma-separated: smollm2, demo")
     ap.add_argument("--demo-run", help="a trained demo-like run folder (default: train one for --demo-minutes)")
     ap.add_argument("--demo-minutes", type=float, default=3.0, help="training time of the demo-like model")
-    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
+    ap.add_argument("--rows", default=",".join(ROWS),
+                    help="comma-separated subset of: " + ", ".join(ROWS).replace("%", "%%"))
     ap.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens scored per model")
     ap.add_argument("--context", type=int, default=512, help="scoring window")
     ap.add_argument("--decode-tokens", type=int, default=64, help="tokens per timed decode run")
@@ -274,6 +307,8 @@ def main() -> None:
     ap.add_argument("--structured-sparsity", type=float, default=0.4,
                     help="fraction of the MLP width structured pruning removes (0.4: the file shrinks by >= 20 %% "
                          "on both families, whose tied embeddings and attention stay whole)")
+    ap.add_argument("--int4-group", type=int, default=32, choices=(32, 64, 128),
+                    help="group size of the int4 rows (32: the grid of SmolLM2's packaged Q4_1 weights)")
     ap.add_argument("--recover-steps", type=int, default=60, help="recovery steps after structured pruning")
     ap.add_argument("--work", type=Path, default=Path("runs/bench-compress"), help="where compressed models go")
     ap.add_argument("--reuse", action="store_true", help="reuse compressed models an earlier run left in --work")

@@ -5,7 +5,9 @@ and under torchrun each rank reads its own clock, so ranks get different learnin
 models) and may stop at different steps (the others then hang in the next all-reduce). So the clock is read once.
 After the first step of a process (compilation, allocator warm-up: excluded) rank 0 times `PROBE_STEPS` steps,
 one evaluation and one checkpoint, fits the most steps whose training, evaluations and checkpoints fit the budget
-(never more than `train.max_steps`) and broadcasts that number. From then on the schedule, the progress bar and
+(never more than `train.max_steps`) and broadcasts that number. The step time is the median of the last
+`STEADY_PROBES` probes: on a 2-core CPU the second to fourth steps still ran ~30 % slower than the rest, and a plan
+from them left a fifth of the budget unused. From then on the schedule, the progress bar and
 the end of the run depend on steps only, and the plan travels in every checkpoint: a resumed run finishes the
 same plan, on any number of processes.
 
@@ -30,7 +32,8 @@ import torch
 from llmkit.config import TrainConfig
 from llmkit.train.distributed import Dist, broadcast_from_main
 
-PROBE_STEPS = 5  # timed steps after the first one; their median is the step time
+PROBE_STEPS = 5  # timed steps after the first one
+STEADY_PROBES = 3  # the last probes, whose median is the step time: the first ones still warm up
 OVERRUN = 1.1  # stop early once real time passes the budget by this factor
 
 
@@ -139,7 +142,8 @@ class Budget:
         if self.dist.main:
             shutil.rmtree(scratch, ignore_errors=True)
         return Measured(spent_s=elapsed_s + time.perf_counter() - t0,
-                        sec_per_step=statistics.median(self._durations), eval_s=t1 - t0, save_s=t2 - t1)
+                        sec_per_step=statistics.median(self._durations[-STEADY_PROBES:]), eval_s=t1 - t0,
+                        save_s=t2 - t1)
 
     def decide(self, step: int, elapsed_s: float, evaluate: Callable[[], object], save: Callable[[Path], None],
                scratch: Path) -> Plan:
