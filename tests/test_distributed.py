@@ -253,6 +253,20 @@ def test_fit_steps_counts_what_the_loop_does(done, extra, eval_interval, save_in
     assert fit_steps(float(budget), m, done, cfg) == max(fits, default=done)
 
 
+def test_the_step_time_is_the_steady_probes_not_the_warm_up(tmp_path, monkeypatch):
+    """Probe steps that are still warming up (2 s, 2 s) before the steady 1 s ones do not count: the plan's step
+    time is the median of the last STEADY_PROBES, so the budget buys the steps the run will really make."""
+    from llmkit.train import budget as budget_mod
+    from llmkit.train.distributed import Dist
+
+    b = Budget(TrainConfig(max_minutes=1.0), Dist(), torch.device("cpu"), None)
+    b._durations = [2.0, 2.0, 1.0, 1.1, 0.9]
+    assert len(b._durations) == budget_mod.PROBE_STEPS and budget_mod.STEADY_PROBES == 3
+    m = b.measure(0.0, lambda: None, lambda folder: folder.mkdir(), tmp_path / "probe")
+    assert m.sec_per_step == 1.0
+    assert not (tmp_path / "probe").exists()  # the scratch checkpoint is removed
+
+
 def test_progress_bar_schedule_and_end_follow_the_plan(tmp_path, data_dir, monkeypatch, capsys):
     """Measured 100 s/step at step 6 with 10 minutes to spend: the run plans 12 of its 20 steps, says so, records
     it, ends at 12 with the progress bar's total at 12, and its learning rates are the schedule of a 12-step run."""
