@@ -29,15 +29,14 @@ from llmkit.compress.rtn import rtn
 from llmkit.infer.api import LLM
 from llmkit.infer.evaluate import token_stream
 from llmkit.infer.load import load_model
+from llmkit.model.quant import dequantize, pack_int4
 
 
 def rounded(w: Tensor, bits: int, group: int) -> Tensor:
-    """w (N, K) after rounding onto the grid `llmkit quantize --method rtn` stores, back in float."""
+    """w (N, K) after rounding onto the grid `llmkit quantize --method rtn` stores, read back as QuantLinear
+    reads it (model/quant.dequantize)."""
     q, s, z = rtn(w, bits, group)
-    if bits == 8:
-        return q * s[:, None]
-    N, K = w.shape
-    return ((q.reshape(N, K // group, group) - 8) * s[..., None] + z[..., None]).reshape(N, K)
+    return dequantize(q.to(torch.int8) if bits == 8 else pack_int4(q), s, z)
 
 
 def parse(variant: str) -> tuple[int, int, bool]:
