@@ -173,7 +173,13 @@ def fit_k(curve: list[dict[str, Any]]) -> dict[str, Any]:
 
 def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     """Markdown tables (one row per budget and vocabulary/context, one column per shape), fits, the auto check."""
-    points = [r for r in rows if "val_bpb" in r and r.get("set", []) == args.set]
+    cfg = load_run_config(args.config, dict(s.split("=", 1) for s in args.set))
+    recipe = {"batch_size": cfg.data.batch_size, "lr": cfg.train.lr}
+    done = [r for r in rows if "val_bpb" in r and r.get("set", []) == args.set]
+    points = [r for r in done if all(r.get(k) == v for k, v in recipe.items())]
+    if len(points) < len(done):  # an earlier recipe of --config (its batch or lr changed since): not comparable
+        print(f"left out: {len(done) - len(points)} points trained with another batch size or lr than {args.config}'s "
+              f"{recipe}")
     if not points:
         print("no finished points in", args.results)
         return

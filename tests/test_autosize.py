@@ -4,6 +4,7 @@ choice is recorded in the run folder; bad input is a one-line error before anyth
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import yaml
@@ -31,16 +32,29 @@ def machine(flop_s: float, flops: list[float], efficiency=lambda i: 1.0):
     return measure, calls
 
 
-def test_rule_picks_the_largest_shape_that_gets_k_tokens_per_parameter():
+def nearest_k(params: list[int], tokens_per_s, budget_s: float) -> int:
+    """The rule written out over every candidate: budget tokens per parameter nearest k, in log."""
+    k = autosize.TOKENS_PER_PARAM
+    ratios = [tokens_per_s(j) * budget_s / params[j] for j in range(len(params))]
+    ok = [j for j in range(len(params)) if ratios[j] > 0]
+    return min(ok, key=lambda j: (abs(math.log(ratios[j] / k)), j))
+
+
+def test_rule_picks_the_shape_whose_tokens_per_parameter_are_nearest_k():
     params, flops = ladder()
-    for budget_s in (120, 600, 1800):
+    picked = set()
+    for budget_s in (60, 120, 300, 600, 1800, 3600, 7200):
         measure, _ = machine(2e11, flops)
         c = autosize.choose(params, flops, measure, budget_s)
         i = c.index
-        assert 2e11 / flops[i] * budget_s >= autosize.TOKENS_PER_PARAM * params[i]  # the choice fits the rule
-        if i + 1 < len(params):  # and the next one up does not
-            assert 2e11 / flops[i + 1] * budget_s < autosize.TOKENS_PER_PARAM * params[i + 1]
+        assert i == nearest_k(params, measure, budget_s)
         assert i in c.measured  # only a measured shape is chosen
+        k, ratio = autosize.TOKENS_PER_PARAM, c.ratio(i)
+        for j in (i - 1, i + 1):  # neither neighbour is nearer k
+            if 0 <= j < len(params):
+                assert abs(math.log(ratio / k)) <= abs(math.log(measure(j) * budget_s / params[j] / k))
+        picked.add(ratio >= k)
+    assert picked == {True, False}  # some budgets round down to the rung that reaches k, some up to the next
 
 
 def test_bigger_budgets_and_faster_machines_pick_bigger_models():
@@ -60,9 +74,9 @@ def test_only_the_shapes_around_the_answer_are_timed():
     c = autosize.choose(params, flops, measure, 600)
     assert calls[0] == 0 and len(calls) == len(set(calls)) <= autosize.MAX_PROBES
     assert len(calls) < len(params) // 2
-    assert c.index + 1 in c.measured  # the shape above the answer was timed and found too big
-    truth = max(j for j in range(len(params)) if measure(j) * 600 >= autosize.TOKENS_PER_PARAM * params[j])
-    assert c.index == truth
+    below_k = c.ratio(c.index) < autosize.TOKENS_PER_PARAM  # rounded up to the rung above k's crossing
+    assert (c.index - 1 if below_k else c.index + 1) in c.measured  # the rungs on both sides of k were timed
+    assert c.index == nearest_k(params, measure, 600)
 
 
 def test_nothing_fits_or_out_of_memory():

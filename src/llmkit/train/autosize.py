@@ -6,16 +6,21 @@ but sees fewer tokens; the best trade-off puts a roughly fixed number of trainin
 so it is measured, not guessed: a few real training steps (the model, the objective and the optimiser the loop
 uses; random tokens, the run's batch and context) time each candidate shape of a ladder, and the rule
 
-    choose the largest shape whose budget tokens, tokens/s x budget seconds x processes, reach k x parameters
+    choose the shape whose budget tokens (tokens/s x budget seconds x processes) per parameter are nearest k
+    (in log): the largest that reaches k x parameters, or the next one up if it falls short by a smaller factor
 
 picks one (parameters as the run prints them: tied embeddings once, learned positions left out). Fewer tokens
 per parameter than k means the model is too big for its budget; more means it could afford to be bigger. The
 throughputs are measured from the smallest shape up, the others predicted from the nearest measured one's
 FLOP/s (`flops_per_token`), so only the shapes around the answer are timed: a few seconds on a laptop CPU.
 
-k: `TOKENS_PER_PARAM`. Provisionally Chinchilla's 20 (fitted on 70 M-16 B parameter models trained on
-non-repeated web text, far from a 2-core CPU and 1.5 M tokens of Shakespeare); bench/sweep.py measures the best
-shape per budget on this project's data and `python bench/sweep.py --report` fits k from it.
+k: `TOKENS_PER_PARAM` = 3, fitted by bench/sweep.py (`--report`) on this project's data: Shakespeare with the demo's
+4,096-token BPE, context 256, configs/demo.yaml's recipe, on a 2-core AVX2 CPU. Where each budget's curve bottoms
+out, the budget tokens per parameter were 1.5 at 2 minutes, >= 3.1 at 5 and >= 6.4 at 10 (the best shape there was
+the smallest swept, 2x128, level with 3x128); 3 is about their geometric mean. That k rises with the budget is the
+corpus: 1.5 M training tokens repeat after a pass, so past a point more minutes buy repeated tokens rather than a
+bigger model. Near the optimum the curves are flat (a rung either side costs 0-2 %), which is what a single k
+relies on. Chinchilla's 20 (70 M-16 B parameters, non-repeated web text) would pick shapes far too small here.
 """
 
 from __future__ import annotations
@@ -35,12 +40,14 @@ import torch
 from llmkit.config import ModelConfig, RunConfig, TrainConfig
 from llmkit.errors import ConfigError
 from llmkit.runtime import autocast, resolve_device, resolve_dtype
+from llmkit.train.budget import PROBE_STEPS, STEADY_PROBES
 from llmkit.train.distributed import broadcast_from_main, setup_distributed
 
-TOKENS_PER_PARAM = 20.0  # k of the rule D >= k·N; provisional (Chinchilla), see the module docstring
-PROBE_STEPS = 3  # timed steps per candidate, after one untimed warm-up step; their median counts
+TOKENS_PER_PARAM = 3.0  # k of the rule: budget tokens per parameter; fitted by bench/sweep.py, see the module docstring
 MAX_PROBES = 8  # candidates timed at most
 RECORD = "autosize.json"  # in the run folder: the rule, every measured throughput and the choice
+RULE = ("the shape whose budget tokens (tokens/s x budget seconds) per parameter are nearest tokens_per_param, "
+        "in log: the largest that reaches it or the next one up")
 
 # Candidate shapes, LAYERSxWIDTH, smallest first: from a 2-core CPU's 2-minute budget to a GPU's hours; about
 # 1.5-2.5 x the parameters from one to the next. Heads and MLP widths follow one rule (parse_shape, shape_config).
@@ -100,22 +107,25 @@ class Choice:
     def budget_tokens(self, i: int) -> float:
         return self.measured[i] * self.budget_s
 
+    def ratio(self, i: int) -> float:
+        """Budget tokens per parameter of candidate i."""
+        return self.budget_tokens(i) / self.params[i]
+
     def reason(self) -> str:
         i, k = self.index, self.tokens_per_param
         n, d = self.params[i], self.budget_tokens(i)
-        why = (f"the largest whose {d / 1e6:.3g} M budget tokens ({self.measured[i]:,.0f} tokens/s x "
-               f"{self.budget_s:g} s) reach {k:g} per parameter ({d / n:.1f})")
-        if d < k * n:
+        why = (f"its {d / 1e6:.3g} M budget tokens ({self.measured[i]:,.0f} tokens/s x {self.budget_s:g} s) are "
+               f"{d / n:.2f} per parameter, the nearest to k = {k:g}")
+        if d < k * n and i == 0:
             why = (f"even the smallest candidate gets only {d / n:.2g} tokens per parameter ({d / 1e6:.3g} M tokens) "
                    f"of the {k:g} the rule asks for")
-        above = i + 1
-        if above in self.measured:
-            why += (f"; {self.names[above]} ({self.params[above] / 1e6:.3g} M) would get "
-                    f"{self.budget_tokens(above) / self.params[above]:.1f}")
+        for j in (i - 1, i + 1):
+            if j != i and j in self.measured and self.measured[j] > 0:
+                why += f"; {self.names[j]} ({self.params[j] / 1e6:.3g} M) would get {self.ratio(j):.2f}"
         return f"{self.names[i]} ({n / 1e6:.3g} M parameters): {why}"
 
     def record(self, cfg: ModelConfig, device: str, dtype: str, world: int, batch_tokens: int) -> dict[str, Any]:
-        return {"rule": "largest shape with tokens/s x budget seconds >= tokens_per_param x parameters",
+        return {"rule": RULE,
                 "tokens_per_param": self.tokens_per_param, "budget_s": self.budget_s, "device": device,
                 "dtype": dtype, "processes": world, "batch_tokens_per_step": batch_tokens,
                 "chosen": {"shape": self.names[self.index], "params": self.params[self.index],
@@ -131,7 +141,9 @@ class Choice:
 def choose(params: list[int], flops: list[float], measure: Callable[[int], float], budget_s: float,
            tokens_per_param: float = TOKENS_PER_PARAM, max_probes: int = MAX_PROBES,
            names: list[str] | None = None) -> Choice:
-    """The largest candidate (sorted by size) with measure(i) x budget_s >= k x params[i].
+    """The candidate (sorted by size) whose measure(i) x budget_s / params[i] is nearest k in log: the largest
+    that reaches k, or the one above it when that one falls short of k by a smaller factor. (k is fitted where the
+    sweep's curve bottoms out, between rungs; always rounding down would give away up to a rung's worth.)
 
     `measure(i)` is candidate i's training tokens/s (0 when it does not fit in memory). The smallest candidate is
     measured first; an unmeasured one is predicted from the nearest measured candidate's FLOP/s
@@ -156,6 +168,10 @@ def choose(params: list[int], flops: list[float], measure: Callable[[int], float
             break
         c.measured[todo[0]] = measure(todo[0])
     c.index = max((j for j in c.measured if fits(j)), default=0)
+    up = c.index + 1
+    if fits(c.index) and c.measured.get(up, 0) > 0 and (
+            math.log(tokens_per_param / c.ratio(up)) < math.log(c.ratio(c.index) / tokens_per_param)):
+        c.index = up  # the rung above misses k by less (in log) than the largest that reaches it exceeds it
     return c
 
 
@@ -164,8 +180,10 @@ def choose(params: list[int], flops: list[float], measure: Callable[[int], float
 
 def measure_throughput(model_cfg: ModelConfig, train_cfg: TrainConfig, batch_size: int, device: torch.device,
                        dtype: torch.dtype, steps: int = PROBE_STEPS) -> float:
-    """Training tokens/s of one shape: warm-up step + `steps` timed steps of the model, objective and optimiser
-    the loop uses, on random tokens (a step's cost does not depend on which tokens). 0 if it runs out of memory."""
+    """Training tokens/s of one shape: a warm-up step, then `steps` timed steps of the model, objective and
+    optimiser the loop uses, on random tokens (a step's cost does not depend on which tokens), of which the median
+    of the last STEADY_PROBES counts: the first steps after the warm-up still run slower (train/budget.py, which
+    plans the run's steps the same way). 0 if it runs out of memory."""
     from llmkit.model import build_model
     from llmkit.train.objectives import get_objective
     from llmkit.train.optim import make_optimizer
@@ -197,7 +215,7 @@ def measure_throughput(model_cfg: ModelConfig, train_cfg: TrainConfig, batch_siz
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return batch_size * T / statistics.median(times[1:])
+    return batch_size * T / statistics.median(times[1:][-STEADY_PROBES:])
 
 
 def _sync(device: torch.device) -> None:
@@ -264,7 +282,7 @@ def resolve(cfg: RunConfig, run_dir: Path, resume: bool, quiet: bool = False) ->
     record["measure_s"] = round(time.perf_counter() - t0, 2)
     if not quiet:
         print(f"model.preset auto, {cfg.train.max_minutes:g} min on {device} ({record['dtype']}): chose "
-              f"{choice.reason()} [rule: largest shape with tokens/s x budget >= {choice.tokens_per_param:g} "
-              f"tokens per parameter; {len(choice.measured)} shapes timed in {record['measure_s']:.1f} s]",
+              f"{choice.reason()} [rule: budget tokens per parameter nearest {choice.tokens_per_param:g}; "
+              f"{len(choice.measured)} shapes timed in {record['measure_s']:.1f} s]",
               file=sys.stderr)
     return record
