@@ -101,7 +101,7 @@ def apply(model: nn.Module, variant: str) -> None:
             p.copy_(rounded_int8_groups(w, group) if bits == 8 and group else rounded(w, bits, group))
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: QuantLinear's kernel cache reads the weight's version counter
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct", help="a float model: built-in name or run folder")
