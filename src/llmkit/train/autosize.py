@@ -120,7 +120,7 @@ class Choice:
             why = (f"even the smallest candidate gets only {d / n:.2g} tokens per parameter ({d / 1e6:.3g} M tokens) "
                    f"of the {k:g} the rule asks for")
         for j in (i - 1, i + 1):
-            if j != i and j in self.measured and self.measured[j] > 0:
+            if j in self.measured and self.measured[j] > 0:
                 why += f"; {self.names[j]} ({self.params[j] / 1e6:.3g} M) would get {self.ratio(j):.2f}"
         return f"{self.names[i]} ({n / 1e6:.3g} M parameters): {why}"
 
