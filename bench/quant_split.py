@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from llmkit.compress.quantize import QuantSpec, quantize_model
-from llmkit.compress.rtn import round_bf16, rtn
+from llmkit.compress.rtn import int8_codes, int8_scales, rtn
 from llmkit.infer.api import LLM
 from llmkit.infer.evaluate import token_stream
 from llmkit.infer.load import load_model
@@ -52,9 +52,9 @@ def rounded(w: Tensor, bits: int, group: int) -> Tensor:
 def rounded_int8_groups(w: Tensor, group: int) -> Tensor:
     """w (N, K) on a symmetric int8 grid with one (bfloat16) scale per `group` input weights (Q8_0's layout)."""
     N, K = w.shape
-    g = w.reshape(N, K // group, group)  # (N, G, g)
-    s = round_bf16(g.abs().amax(-1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).tiny)
-    return (torch.round(g / s).clamp(-128, 127) * s).reshape(N, K)
+    g = w.reshape(N * K // group, group)  # (N*G, g): each group a row of llmkit's per-row int8 grid
+    s = int8_scales(g)
+    return (int8_codes(g, s) * s[:, None]).reshape(N, K)
 
 
 class Bf16IO(nn.Module):

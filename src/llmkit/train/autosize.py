@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -40,7 +39,7 @@ import torch
 from llmkit.config import ModelConfig, RunConfig, TrainConfig
 from llmkit.errors import ConfigError
 from llmkit.runtime import autocast, resolve_device, resolve_dtype
-from llmkit.train.budget import PROBE_STEPS, STEADY_PROBES
+from llmkit.train.budget import PROBE_STEPS, steady_step_time
 from llmkit.train.distributed import broadcast_from_main, setup_distributed
 
 TOKENS_PER_PARAM = 3.0  # k of the rule: budget tokens per parameter; fitted by bench/sweep.py, see the module docstring
@@ -181,9 +180,9 @@ def choose(params: list[int], flops: list[float], measure: Callable[[int], float
 def measure_throughput(model_cfg: ModelConfig, train_cfg: TrainConfig, batch_size: int, device: torch.device,
                        dtype: torch.dtype, steps: int = PROBE_STEPS) -> float:
     """Training tokens/s of one shape: a warm-up step, then `steps` timed steps of the model, objective and
-    optimiser the loop uses, on random tokens (a step's cost does not depend on which tokens), of which the median
-    of the last STEADY_PROBES counts: the first steps after the warm-up still run slower (train/budget.py, which
-    plans the run's steps the same way). 0 if it runs out of memory."""
+    optimiser the loop uses, on random tokens (a step's cost does not depend on which tokens), timed as the time
+    budget times a run (budget.steady_step_time: the first steps after the warm-up still run slower). 0 if it
+    runs out of memory."""
     from llmkit.model import build_model
     from llmkit.train.objectives import get_objective
     from llmkit.train.optim import make_optimizer
@@ -215,7 +214,7 @@ def measure_throughput(model_cfg: ModelConfig, train_cfg: TrainConfig, batch_siz
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return batch_size * T / statistics.median(times[1:][-STEADY_PROBES:])
+    return batch_size * T / steady_step_time(times[1:])
 
 
 def _sync(device: torch.device) -> None:

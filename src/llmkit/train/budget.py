@@ -37,6 +37,12 @@ STEADY_PROBES = 3  # the last probes, whose median is the step time: the first o
 OVERRUN = 1.1  # stop early once real time passes the budget by this factor
 
 
+def steady_step_time(durations: list[float]) -> float:
+    """A step's time from probe timings: the median of the last STEADY_PROBES (the first ones still warm up).
+    autosize times candidate shapes the same way."""
+    return statistics.median(durations[-STEADY_PROBES:])
+
+
 @dataclass
 class Measured:
     spent_s: float  # training time of the run so far, the probes included
@@ -142,7 +148,7 @@ class Budget:
         if self.dist.main:
             shutil.rmtree(scratch, ignore_errors=True)
         return Measured(spent_s=elapsed_s + time.perf_counter() - t0,
-                        sec_per_step=statistics.median(self._durations[-STEADY_PROBES:]), eval_s=t1 - t0,
+                        sec_per_step=steady_step_time(self._durations), eval_s=t1 - t0,
                         save_s=t2 - t1)
 
     def decide(self, step: int, elapsed_s: float, evaluate: Callable[[], object], save: Callable[[Path], None],
