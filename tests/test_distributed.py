@@ -253,18 +253,48 @@ def test_fit_steps_counts_what_the_loop_does(done, extra, eval_interval, save_in
     assert fit_steps(float(budget), m, done, cfg) == max(fits, default=done)
 
 
-def test_the_step_time_is_the_steady_probes_not_the_warm_up(tmp_path, monkeypatch):
-    """Probe steps that are still warming up (2 s, 2 s) before the steady 1 s ones do not count: the plan's step
-    time is the median of the last STEADY_PROBES, so the budget buys the steps the run will really make."""
+def test_the_step_time_is_the_steady_probes_not_the_warm_up(tmp_path):
+    """Probe steps that are still warming up before the steady ones do not count: the plan's step time is the
+    median of the probe's last third (at least STEADY_PROBES), so the budget buys the steps the run will make."""
     from llmkit.train import budget as budget_mod
     from llmkit.train.distributed import Dist
 
     b = Budget(TrainConfig(max_minutes=1.0), Dist(), torch.device("cpu"), None)
     b._durations = [2.0, 2.0, 1.0, 1.1, 0.9]
-    assert len(b._durations) == budget_mod.PROBE_STEPS and budget_mod.STEADY_PROBES == 3
+    assert budget_mod.STEADY_PROBES == 3
     m = b.measure(0.0, lambda: None, lambda folder: folder.mkdir(), tmp_path / "probe")
     assert m.sec_per_step == 1.0
     assert not (tmp_path / "probe").exists()  # the scratch checkpoint is removed
+    # 30 probes, the first 12 slow (a 2-core CPU's warm-up): the last 10 decide
+    assert budget_mod.steady_step_time([1.4] * 12 + [1.0] * 18) == 1.0
+    assert budget_mod.steady_step_time([1.0] * 15 + [1.4] * 15) == 1.4  # the last third, not all of it
+
+
+def probes_until_decided(monkeypatch, sec_per_step: float, **train) -> int:
+    """How many timed steps a Budget takes before it decides, on a clock that ticks `sec_per_step` per step."""
+    from llmkit.train import budget as budget_mod
+    from llmkit.train.distributed import Dist
+
+    clock = iter(range(1 << 20))
+    monkeypatch.setattr(budget_mod.time, "perf_counter", lambda: sec_per_step * (next(clock) // 2))
+    b = Budget(TrainConfig(**train), Dist(), torch.device("cpu"), None)
+    for n in range(1000):
+        b.step_begins()
+        if b.step_ends():
+            return n  # the first step is not timed: n probes
+    raise AssertionError("the probe never ended")
+
+
+def test_the_probe_lasts_while_the_warm_up_does(monkeypatch):
+    """The probe times more steps when it can (a longer, steadier sample), but only while the learning rate warms
+    up (whose rates do not depend on the plan), within PROBE_STEPS..MAX_PROBE_STEPS and PROBE_SHARE of the budget."""
+    from llmkit.train import budget as budget_mod
+
+    assert probes_until_decided(monkeypatch, 0.2, max_minutes=6.0, warmup_steps=50) == budget_mod.MAX_PROBE_STEPS
+    assert probes_until_decided(monkeypatch, 0.2, max_minutes=6.0, warmup_steps=20) == 19  # lr_at(0..19): warm-up
+    assert probes_until_decided(monkeypatch, 0.2, max_minutes=6.0, warmup_steps=3) == budget_mod.PROBE_STEPS
+    # 1 s steps in a 2-minute budget: 5 % is 6 s, so 6 probes, not 40
+    assert probes_until_decided(monkeypatch, 1.0, max_minutes=2.0, warmup_steps=100) == 6
 
 
 def test_progress_bar_schedule_and_end_follow_the_plan(tmp_path, data_dir, monkeypatch, capsys):

@@ -3,13 +3,14 @@
 A schedule that follows the clock makes every run different: a resumed run no longer repeats the interrupted one,
 and under torchrun each rank reads its own clock, so ranks get different learning rates (silently different
 models) and may stop at different steps (the others then hang in the next all-reduce). So the clock is read once.
-After the first step of a process (compilation, allocator warm-up: excluded) rank 0 times `PROBE_STEPS` steps,
-one evaluation and one checkpoint, fits the most steps whose training, evaluations and checkpoints fit the budget
-(never more than `train.max_steps`) and broadcasts that number. The step time is the median of the last
-`STEADY_PROBES` probes: on a 2-core CPU the second to fourth steps still ran ~30 % slower than the rest, and a plan
-from them left a fifth of the budget unused. From then on the schedule, the progress bar and
-the end of the run depend on steps only, and the plan travels in every checkpoint: a resumed run finishes the
-same plan, on any number of processes.
+After the first step of a process (compilation, allocator warm-up: excluded) rank 0 times probe steps, one
+evaluation and one checkpoint, fits the most steps whose training, evaluations and checkpoints fit the budget
+(never more than `train.max_steps`) and broadcasts that number. The probe runs while the learning-rate warm-up
+lasts (there the rate does not depend on the plan), from `PROBE_STEPS` up to `MAX_PROBE_STEPS` steps or
+`PROBE_SHARE` of the budget, and the step time is the median of its last third: on a 2-core CPU the first ~10
+steps ran up to 40 % slower than the rest, and a plan from five probes left 29 % of the demo's budget unused.
+From then on the schedule, the progress bar and the end of the run depend on steps only, and the plan travels in
+every checkpoint: a resumed run finishes the same plan, on any number of processes.
 
 Should real time still overrun the budget badly (a slower machine after a resume, a busy neighbour), rank 0
 decides at a log step to stop and broadcasts it, so every rank stops at the same step.
@@ -32,15 +33,23 @@ import torch
 from llmkit.config import TrainConfig
 from llmkit.train.distributed import Dist, broadcast_from_main
 
-PROBE_STEPS = 5  # timed steps after the first one
-STEADY_PROBES = 3  # the last probes, whose median is the step time: the first ones still warm up
+PROBE_STEPS = 5  # the fewest timed steps after the first one
+MAX_PROBE_STEPS = 40  # the most, and only while the learning rate still warms up
+PROBE_SHARE = 0.05  # probing stops once its steps took this share of the budget
+STEADY_PROBES = 3  # the fewest last probes whose median is the step time: the first ones still warm up
 OVERRUN = 1.1  # stop early once real time passes the budget by this factor
 
 
 def steady_step_time(durations: list[float]) -> float:
-    """A step's time from probe timings: the median of the last STEADY_PROBES (the first ones still warm up).
-    autosize times candidate shapes the same way."""
-    return statistics.median(durations[-STEADY_PROBES:])
+    """A step's time from probe timings: the median of their last third, at least STEADY_PROBES (the first ones
+    still warm up). autosize times candidate shapes the same way."""
+    return statistics.median(durations[-max(STEADY_PROBES, len(durations) // 3):])
+
+
+def probe_limit(cfg: TrainConfig) -> int:
+    """How many steps the probe may time: between PROBE_STEPS and MAX_PROBE_STEPS, and while the warm-up lasts.
+    The first step and n probes run with rates lr_at(0..n), which do not depend on the plan while n < warmup."""
+    return max(PROBE_STEPS, min(MAX_PROBE_STEPS, cfg.warmup_steps - 1))
 
 
 @dataclass
@@ -126,7 +135,8 @@ class Budget:
             self._t0 = time.perf_counter()
 
     def step_ends(self) -> bool:
-        """Time the step; True once the probe steps are done and the plan is to be decided (on every rank)."""
+        """Time the step; True once the probe steps are done and the plan is to be decided (on every rank, as
+        rank 0 says: the share of the budget is read from its clock)."""
         if not self._probing():
             return False
         _sync(self.device)
@@ -134,7 +144,11 @@ class Budget:
             self._first_done = True
             return False
         self._durations.append(time.perf_counter() - self._t0)
-        return len(self._durations) == PROBE_STEPS
+        n = len(self._durations)
+        if n < PROBE_STEPS:
+            return False
+        enough = n >= probe_limit(self.cfg) or sum(self._durations) >= PROBE_SHARE * self.cfg.max_minutes * 60
+        return broadcast_from_main([float(enough)], self.dist, self.device)[0] > 0  # rank 0's clock decides
 
     def measure(self, elapsed_s: float, evaluate: Callable[[], object], save: Callable[[Path], None],
                 scratch: Path) -> Measured:
