@@ -110,12 +110,13 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512, help="scoring window")
     ap.add_argument("--variants", default="int8 body,int8 emb,int8 all,int8 g32 all,bf16-io,int8 kernel,"
                     "int4 g32 body,int4 g64 body", help="comma-separated: `int8 [gGROUP] body|emb|all`, "
-                    "`int4 gGROUP body|emb|all`, `bf16-io`, `int8 kernel`")
+                    "`int4 gGROUP body|emb|all`, `bf16-io`, `int8 kernel`; `A+B` applies both")
     args = ap.parse_args()
     variants = [v.strip() for v in args.variants.split(",")]
     for v in variants:  # a typo stops here, before the model loads
-        if v not in ("bf16-io", "int8 kernel"):
-            parse(v)
+        for step in v.split("+"):
+            if step.strip() not in ("bf16-io", "int8 kernel"):
+                parse(step.strip())
     got = load_model(args.model, "cpu", "float32")
     model = got.model.eval()
     ids = token_stream(LLM(model, got.tokenizer, Path(args.model)), args.data)[0][:args.tokens + 1].astype(np.int64)
@@ -136,7 +137,8 @@ def main() -> None:
                       "perplexity": math.exp(base_nll)}), flush=True)
     for variant in variants:
         model = copy.deepcopy(pristine)
-        apply(model, variant)
+        for step in variant.split("+"):  # `int8 g32 all+bf16-io`: the weights rounded, then the I/O
+            apply(model, step.strip())
         lp = log_probs()
         nll = -float(lp.gather(1, targets[:, None]).mean())
         print(json.dumps({"variant": variant, "delta_ppl_pct": 100 * (math.exp(nll - base_nll) - 1),

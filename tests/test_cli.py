@@ -174,3 +174,16 @@ def test_select_metric_table_covers_every_objective():
 
     assert set(OBJECTIVE_METRICS) == set(OBJECTIVES)
     assert all("val_loss" in names for names in OBJECTIVE_METRICS.values())
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_builds(path):
+    """A recipe in configs/ with a stale or misspelt key would only fail when a user runs it: each one builds
+    through the config machinery, where unknown keys and bad values are errors."""
+    from llmkit.config import DistillRunConfig, FinetuneRunConfig, RunConfig
+    from llmkit.config.machinery import build, load_yaml
+
+    values = load_yaml(path)
+    cls = DistillRunConfig if "kd" in values else FinetuneRunConfig if "finetune" in values else RunConfig
+    cfg = build(cls, values)
+    assert cfg.train.lr > 0
