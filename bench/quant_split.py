@@ -68,6 +68,19 @@ class Bf16IO(nn.Module):
         return self.lin(x.to(torch.bfloat16).float()).to(torch.bfloat16).float()
 
 
+WHOLE_MODEL = ("bf16-io", "int8 kernel")  # variants that change the model's arithmetic, not one part's weights
+
+
+def steps(variant: str) -> list[str]:
+    """`int8 g32 all+bf16-io` -> ["int8 g32 all", "bf16-io"]: applied in that order (weights rounded, then the I/O).
+    Every grid step is parsed here, so a typo stops the bench before the model loads."""
+    out = [step.strip() for step in variant.split("+")]
+    for step in out:
+        if step not in WHOLE_MODEL:
+            parse(step)
+    return out
+
+
 def parse(variant: str) -> tuple[int, int, str]:
     """`int8 body`, `int8 g32 all`, `int4 g32 emb` -> (bits, group (0: per row), part: body | emb | all)."""
     words = variant.split()
@@ -112,11 +125,7 @@ def main() -> None:
                     "int4 g32 body,int4 g64 body", help="comma-separated: `int8 [gGROUP] body|emb|all`, "
                     "`int4 gGROUP body|emb|all`, `bf16-io`, `int8 kernel`; `A+B` applies both")
     args = ap.parse_args()
-    variants = [v.strip() for v in args.variants.split(",")]
-    for v in variants:  # a typo stops here, before the model loads
-        for step in v.split("+"):
-            if step.strip() not in ("bf16-io", "int8 kernel"):
-                parse(step.strip())
+    variants = {v.strip(): steps(v) for v in args.variants.split(",")}  # a typo stops here, before the model loads
     got = load_model(args.model, "cpu", "float32")
     model = got.model.eval()
     ids = token_stream(LLM(model, got.tokenizer, Path(args.model)), args.data)[0][:args.tokens + 1].astype(np.int64)
@@ -135,10 +144,10 @@ def main() -> None:
     pristine = copy.deepcopy(model)
     print(json.dumps({"model": args.model, "data": str(args.data), "tokens": len(targets),
                       "perplexity": math.exp(base_nll)}), flush=True)
-    for variant in variants:
+    for variant, parts in variants.items():
         model = copy.deepcopy(pristine)
-        for step in variant.split("+"):  # `int8 g32 all+bf16-io`: the weights rounded, then the I/O
-            apply(model, step.strip())
+        for step in parts:
+            apply(model, step)
         lp = log_probs()
         nll = -float(lp.gather(1, targets[:, None]).mean())
         print(json.dumps({"variant": variant, "delta_ppl_pct": 100 * (math.exp(nll - base_nll) - 1),

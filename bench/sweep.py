@@ -92,8 +92,7 @@ def run_point(p: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Train one point through `pretrain` and score it on the whole validation split, as `make demo` does."""
     data = data_for(p["vocab"], args.corpus, args.quiet)
     overrides: dict[str, Any] = {"data.path": str(data), "train.max_minutes": p["budget_min"],
-                                 "train.max_steps": 10**9, "model.block_size": p["context"],
-                                 **dict(s.split("=", 1) for s in args.set)}
+                                 "train.max_steps": 10**9, "model.block_size": p["context"], **args.overrides}
     if p["shape"] == "auto":
         overrides = {"model": {"preset": "auto"}, **overrides}
     cfg = load_run_config(args.config, overrides)
@@ -173,7 +172,7 @@ def fit_k(curve: list[dict[str, Any]]) -> dict[str, Any]:
 
 def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     """Markdown tables (one row per budget and vocabulary/context, one column per shape), fits, the auto check."""
-    cfg = load_run_config(args.config, dict(s.split("=", 1) for s in args.set))
+    cfg = load_run_config(args.config, args.overrides)
     recipe = {"batch_size": cfg.data.batch_size, "lr": cfg.train.lr}
     done = [r for r in rows if "val_bpb" in r and r.get("set", []) == args.set]
     points = [r for r in done if all(r.get(k) == v for k, v in recipe.items())]
@@ -293,6 +292,7 @@ def main() -> None:
         if shape != "auto":
             autosize.parse_shape(shape)  # a typo fails now, not an hour in
     args.set = sorted(args.set)
+    args.overrides = dict(s.split("=", 1) for s in args.set)  # --set KEY=VALUE, as config overrides
     if args.report:
         return report(read_results(args.results), args)
     done = {r["key"] for r in read_results(args.results) if "val_bpb" in r}
