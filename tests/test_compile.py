@@ -12,10 +12,16 @@ from torch._dynamo.backends.debugging import aot_eager, boxed_nop
 from torch._dynamo.utils import counters
 
 from conftest import tiny_model_config
-from llmkit.model import build_model
+from llmkit.model import build_model, loss
 from llmkit.model.loss import IGNORE_INDEX
 from llmkit.train.distributed import Dist, Parallel
 from llmkit.train.objectives import CausalLM
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """64-token chunks, so these small batches (192 tokens) span three of the loss's CPU chunks."""
+    monkeypatch.setattr(loss, "CHUNK", 64)
 
 
 def _batch(cfg, seed: int) -> dict[str, torch.Tensor]:
@@ -28,7 +34,7 @@ def _batch(cfg, seed: int) -> dict[str, torch.Tensor]:
 
 def _compiled_pair():
     """An eager model and its compiled twin (same weights), compiled as the training loop compiles."""
-    cfg = tiny_model_config(vocab_size=1000, block_size=96)  # 192 tokens: three of the loss's CPU chunks
+    cfg = tiny_model_config(vocab_size=1000, block_size=96)  # 192 tokens: three chunks (small_chunks)
     eager = build_model(cfg).train()
     twin = build_model(cfg).train()
     twin.load_state_dict(eager.state_dict())

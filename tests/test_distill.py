@@ -218,14 +218,16 @@ def test_top_k_forward_kl_counts_the_students_mass_outside_the_teachers_top_k():
 
 
 @pytest.mark.parametrize("top_k,temperature", [(None, 1.0), (None, 2.0), (7, 1.0), (7, 3.0)])
-def test_fused_forward_kl_equals_the_autograd_loss_and_gradients(top_k, temperature):
+def test_fused_forward_kl_equals_the_autograd_loss_and_gradients(top_k, temperature, monkeypatch):
     """model/loss.linear_forward_kl (gradient formed in the forward pass, chunked) against kd_terms through autograd:
     the same loss, CE, KD and gradients for h and the head, with the full teacher and with its top k."""
+    from llmkit.model import loss as loss_module
     from llmkit.model.loss import linear_forward_kl
     from llmkit.train.distill import kd_terms
 
+    monkeypatch.setattr(loss_module, "CHUNK", 64)
     torch.manual_seed(0)
-    N, C, V, alpha = 150, 16, 40, 0.3  # N spans several chunks
+    N, C, V, alpha = 150, 16, 40, 0.3  # N spans three 64-token chunks
     h, w = torch.randn(N, C, requires_grad=True), torch.randn(V, C, requires_grad=True)
     labels = torch.randint(0, V, (N,))
     labels[::7] = -100

@@ -102,3 +102,25 @@ def test_presets_build_with_expected_sizes():
 def test_vocab_padding_and_weight_tying():
     m = build_model(tiny_model_config("gpt2", vocab_size=500))
     assert m.embed.weight.shape[0] == 512 and m.lm_head.weight is m.embed.weight
+
+
+@pytest.mark.parametrize("chunk", [16, 64, 1024])
+def test_fused_head_loss_equals_cross_entropy_at_any_chunk(chunk, monkeypatch):
+    """model/loss.linear_cross_entropy against F.cross_entropy(h @ W.T) through autograd, whether the 150 tokens
+    take ten chunks, three or one: the same mean over targets (ignored rows skipped), the same gradients."""
+    from llmkit.model import loss
+
+    monkeypatch.setattr(loss, "CHUNK", chunk)
+    torch.manual_seed(0)
+    h, w = torch.randn(150, 16, requires_grad=True), torch.randn(40, 16, requires_grad=True)  # (N, C), (V, C)
+    labels = torch.randint(0, 40, (150,))
+    labels[::7] = loss.IGNORE_INDEX
+    got = loss.linear_cross_entropy(h, w, labels)
+    got.backward()
+    g_fused = (h.grad.clone(), w.grad.clone())
+    h.grad = w.grad = None
+    want = torch.nn.functional.cross_entropy(h @ w.T, labels, ignore_index=loss.IGNORE_INDEX)
+    want.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    torch.testing.assert_close(g_fused[0], h.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(g_fused[1], w.grad, rtol=1e-4, atol=1e-6)
