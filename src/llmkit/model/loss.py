@@ -34,6 +34,11 @@ def compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def _chunk_rows(h: Tensor, weight: Tensor) -> int:
+    """Tokens per chunk for both fused losses: CHUNK on a CPU, about GPU_CHUNK_LOGITS logits on a GPU."""
+    return CHUNK if h.device.type == "cpu" else max(CHUNK, GPU_CHUNK_LOGITS // weight.shape[0])
+
+
 class _GradRows:
     """The (N, V) gradient of the logits, filled chunk by chunk while each chunk is in cache.
 
@@ -68,7 +73,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         g_logits = _GradRows(h.shape[0], weight.shape[0], dtype, h.device) if grad else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        chunk = CHUNK if h.device.type == "cpu" else max(CHUNK, GPU_CHUNK_LOGITS // weight.shape[0])
+        chunk = _chunk_rows(h, weight)
         for s in range(0, h.shape[0], chunk):
             lab = labels[s:s + chunk]
             ok = lab != IGNORE_INDEX  # (n,)
@@ -113,7 +118,7 @@ class _LinearForwardKL(torch.autograd.Function):
         ce = torch.zeros((), dtype=torch.float32, device=h.device)
         kd = torch.zeros((), dtype=torch.float32, device=h.device)
         T, a = temperature, alpha
-        chunk = CHUNK if h.device.type == "cpu" else max(CHUNK, GPU_CHUNK_LOGITS // weight.shape[0])
+        chunk = _chunk_rows(h, weight)
         for s in range(0, h.shape[0], chunk):
             ok = (labels[s:s + chunk] != IGNORE_INDEX).float()  # (n,)
             safe = labels[s:s + chunk].clamp(min=0)[:, None]  # (n, 1)
